@@ -1,0 +1,64 @@
+"""`bolt <command>`: one table of subcommands, each a thin layer over a library function.
+
+Every command module exposes `add_arguments(parser)` and `run(args) -> int`; modules are imported
+lazily so `bolt --help` stays fast and a command's heavy imports (torch, megatron) load only when used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from megatron_bolt.errors import UserError
+
+# name -> (module, one-line help). Nested groups use "group name".
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("megatron_bolt.training.cli", "train a model with Megatron-Core (torchrun / srun / local launch)"),
+    "score": ("megatron_bolt.training.score_cli", "summed log-probabilities of token sequences under a Megatron checkpoint"),
+    "demo": ("megatron_bolt.demo", "run the embedded default end to end on this machine"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bolt", description="megatron-bolt: latent-thought pretraining on Megatron-Core")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for name, (module_name, help_text) in COMMANDS.items():
+        parts = name.split()
+        target = sub
+        if len(parts) == 2:
+            if parts[0] not in groups:
+                group_parser = sub.add_parser(parts[0], help=f"{parts[0]} subcommands")
+                groups[parts[0]] = group_parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
+            target = groups[parts[0]]
+        p = target.add_parser(parts[-1], help=help_text, description=help_text)
+        p.set_defaults(_module=module_name, _argv_name=name)
+        if _wants_arguments(name, sys.argv):
+            importlib.import_module(module_name).add_arguments(p)
+    return parser
+
+
+def _wants_arguments(name: str, argv: list[str]) -> bool:
+    """Only the chosen command's module is imported to add its arguments."""
+    words = [a for a in argv[1:] if not a.startswith("-")]
+    return words[: len(name.split())] == name.split()
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is not None:
+        sys.argv = ["bolt", *argv]
+    parser = build_parser()
+    args = parser.parse_args()
+    if not getattr(args, "_module", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(importlib.import_module(args._module).run(args) or 0)
+    except UserError as exc:
+        print(f"bolt {args._argv_name}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
