@@ -1,0 +1,258 @@
+"""The in-process engine: an HF export run with `transformers`, batched over all (prompt, sample) rows.
+
+Sampling puts every (prompt, sample) pair of a call into left-padded rows (attention mask and
+position ids make padding invisible), prefills them together and decodes with one shared KV cache;
+rows that hit a stop token are dropped from the cache so late steps only pay for live rows.
+Tokens are drawn by inverse-CDF from the untempered softmax with a counter-based uniform per
+(row seed, step), so a row's draw does not depend on its batch neighbours.
+
+Scoring left-pads prompt+continuation rows so that every continuation ends at the last position,
+which lets one `logits_to_keep` cover all of them without materialising logits for the prompts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from megatron_bolt.latents.engines.base import Engine, Sample, per_prompt_seeds, sample_seed, step_uniforms
+
+
+@dataclass
+class RowResult:
+    """Generation result of one row; input_logprobs[j] is the log-prob of prompt token start+1+j."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    finished: bool
+    stop_token: int | None
+    input_logprobs: list[float] | None = None
+
+
+class LocalEngine(Engine):
+    """transformers model in this process (fp32 on CPU by default, or one GPU)."""
+
+    def __init__(
+        self,
+        model_dir: str,
+        device: str | None = None,
+        dtype: torch.dtype = torch.float32,
+        max_batch_rows: int = 64,
+        max_logit_elements: int = 1 << 27,
+    ) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
+        self.model_dir = model_dir
+        self.vocab_size = int(self.model.config.vocab_size)
+        self.max_batch_rows = max_batch_rows
+        # Bounds the (rows x kept positions x vocab) logits tensor of one scoring forward.
+        self.max_logit_elements = max_logit_elements
+        pad = getattr(self.model.config, "pad_token_id", None)
+        self.pad_id = int(pad) if pad is not None else 0
+
+    # ----------------------------------------------------------------------------------- interface
+    def sample(
+        self,
+        prompts: list[list[int]],
+        n: int,
+        max_new_tokens: int,
+        stop: list[int],
+        seed: int | list[int] = 0,
+    ) -> list[list[Sample]]:
+        seeds = per_prompt_seeds(seed, len(prompts))
+        rows = [p for p in prompts for _ in range(n)]
+        row_seeds = [sample_seed(s, j) for s in seeds for j in range(n)]
+        results = self.generate_rows(rows, row_seeds, max_new_tokens, stop)
+        out: list[list[Sample]] = []
+        for i in range(len(prompts)):
+            out.append(
+                [
+                    Sample(r.tokens, r.logprobs, r.finished, r.stop_token)
+                    for r in results[i * n : (i + 1) * n]
+                ]
+            )
+        return out
+
+    def score(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[float]:
+        if len(prompts) != len(continuations):
+            raise ValueError(f"{len(prompts)} prompts but {len(continuations)} continuations")
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty: the first continuation token has no context")
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(continuations[i]))
+        scores = [0.0] * len(prompts)
+        batch: list[int] = []
+        for i in order:
+            cand = batch + [i]
+            keep = max(len(continuations[j]) for j in cand) + 1
+            if batch and (len(cand) > self.max_batch_rows or len(cand) * keep * self.vocab_size > self.max_logit_elements):
+                self._score_batch(prompts, continuations, batch, scores)
+                batch = [i]
+            else:
+                batch = cand
+        if batch:
+            self._score_batch(prompts, continuations, batch, scores)
+        return scores
+
+    # ------------------------------------------------------------------------------------ internals
+    def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            if r:
+                ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
+                mask[i, width - len(r) :] = 1
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        return ids.to(self.device), mask.to(self.device), pos.to(self.device)
+
+    @torch.inference_mode()
+    def _score_batch(self, prompts, continuations, idx: list[int], scores: list[float]) -> None:
+        rows = [list(prompts[i]) + list(continuations[i]) for i in idx]
+        ids, mask, pos = self._left_pad(rows)
+        width = ids.shape[1]
+        keep = max(len(continuations[i]) for i in idx) + 1
+        keep = min(keep, width)
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep).logits
+        logp = torch.log_softmax(logits.float(), dim=-1)  # kept index j = position width-keep+j
+        for b, i in enumerate(idx):
+            c = len(continuations[i])
+            if c == 0:
+                scores[i] = 0.0
+                continue
+            # Token at position q (q in [width-c, width)) is predicted by the logits at q-1.
+            targets = ids[b, width - c :]
+            rows_lp = logp[b, keep - 1 - c : keep - 1]
+            scores[i] = float(rows_lp.gather(-1, targets[:, None]).sum())
+
+    def generate_rows(
+        self,
+        prompts: list[list[int]],
+        seeds: list[int],
+        max_new_tokens: int | list[int],
+        stop: list[int],
+        input_logprob_start: list[int | None] | None = None,
+    ) -> list[RowResult]:
+        """Generate one continuation per row; the building block of `sample` and of `bolt serve`.
+
+        input_logprob_start[i] = s asks for the log-probs of prompt tokens s+1..L-1 (SGLang's
+        logprob_start_len); None skips them.
+        """
+        if isinstance(max_new_tokens, int):
+            max_new_tokens = [max_new_tokens] * len(prompts)
+        starts = input_logprob_start or [None] * len(prompts)
+        for i, p in enumerate(prompts):
+            if not p:
+                raise ValueError(f"prompt {i} is empty")
+        # Similar lengths together: less padding. Results do not depend on the grouping.
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        results: list[RowResult | None] = [None] * len(prompts)
+        for k in range(0, len(order), self.max_batch_rows):
+            idx = order[k : k + self.max_batch_rows]
+            part = self._generate_batch(
+                [prompts[i] for i in idx],
+                [seeds[i] for i in idx],
+                [max_new_tokens[i] for i in idx],
+                set(int(t) for t in stop),
+                [starts[i] for i in idx],
+            )
+            for i, r in zip(idx, part):
+                results[i] = r
+        return results  # type: ignore[return-value]
+
+    @torch.inference_mode()
+    def _generate_batch(self, prompts, seeds, max_new, stop: set[int], starts) -> list[RowResult]:
+        from transformers import DynamicCache
+
+        B = len(prompts)
+        ids, mask, pos = self._left_pad(prompts)
+        width = ids.shape[1]
+        want_input = [s for s in starts if s is not None]
+        keep = 1
+        if want_input:
+            keep = max(len(p) - s for p, s in zip(prompts, starts) if s is not None)
+            keep = max(1, min(keep, width))
+        cache = DynamicCache()
+        out = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=keep
+        )
+        results = [RowResult([], [], False, None) for _ in range(B)]
+        if want_input:
+            logp_all = torch.log_softmax(out.logits.float(), dim=-1)
+            for b, (p, s) in enumerate(zip(prompts, starts)):
+                if s is None:
+                    continue
+                s = max(0, min(int(s), len(p) - 1))
+                # token t (t in [s+1, L)) sits at padded position width-L+t, predicted at one before.
+                L = len(p)
+                n_tok = L - 1 - s
+                if n_tok <= 0:
+                    results[b].input_logprobs = []
+                    continue
+                lp = logp_all[b, keep - 1 - n_tok : keep - 1]
+                tgt = ids[b, width - n_tok :]
+                results[b].input_logprobs = lp.gather(-1, tgt[:, None])[:, 0].tolist()
+        logits = out.logits[:, -1, :].float()
+        del out
+        active = np.arange(B)
+        seeds_np = np.array([s & ((1 << 64) - 1) for s in seeds], dtype=np.uint64)
+        max_new_np = np.array(max_new, dtype=np.int64)
+        live = max_new_np[active] > 0
+        if not live.all():
+            active, logits, mask, pos = self._select(cache, active, live, logits, mask, pos)
+        last_pos = pos[:, -1]
+        step = 0
+        while len(active):
+            logp = torch.log_softmax(logits, dim=-1)
+            cdf = logp.exp().cumsum(-1)
+            u = torch.from_numpy(step_uniforms(seeds_np[active], step)).to(cdf)
+            tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None].contiguous(), right=True)[:, 0]
+            tok = tok.clamp_(max=logp.shape[-1] - 1)
+            tok_lp = logp.gather(-1, tok[:, None])[:, 0]
+            tok_list, lp_list = tok.tolist(), tok_lp.tolist()
+            live = np.ones(len(active), dtype=bool)
+            for j, b in enumerate(active):
+                r = results[b]
+                r.tokens.append(tok_list[j])
+                r.logprobs.append(lp_list[j])
+                if tok_list[j] in stop:
+                    r.finished, r.stop_token = True, tok_list[j]
+                    live[j] = False
+                elif len(r.tokens) >= max_new_np[b]:
+                    live[j] = False
+            step += 1
+            if not live.all():
+                sel = torch.from_numpy(np.nonzero(live)[0]).to(self.device)
+                tok = tok[sel]
+                last_pos = last_pos[sel]
+                active, _, mask, _ = self._select(cache, active, live, None, mask, None)
+                if not len(active):
+                    break
+            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=mask.device)], dim=1)
+            last_pos = last_pos + 1
+            out = self.model(
+                input_ids=tok[:, None],
+                attention_mask=mask,
+                position_ids=last_pos[:, None],
+                past_key_values=cache,
+                use_cache=True,
+            )
+            logits = out.logits[:, -1, :].float()
+        return results
+
+    def _select(self, cache, active: np.ndarray, live: np.ndarray, logits, mask, pos):
+        """Keep only live rows in the cache and the per-row tensors."""
+        sel_np = np.nonzero(live)[0]
+        sel = torch.from_numpy(sel_np).to(self.device)
+        if len(sel_np):
+            cache.batch_select_indices(sel)
+        return (
+            active[sel_np],
+            logits[sel] if logits is not None else None,
+            mask[sel],
+            pos[sel] if pos is not None else None,
+        )
