@@ -17,6 +17,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("megatron_bolt.training.cli", "train a model with Megatron-Core (torchrun / srun / local launch)"),
     "score": ("megatron_bolt.training.score_cli", "summed log-probabilities of token sequences under a Megatron checkpoint"),
     "demo": ("megatron_bolt.demo", "run the embedded default end to end on this machine"),
+    "estep": ("megatron_bolt.latents.estep_cli", "E-step: sample K latents per chunk, importance-weight, resample, write a latent store"),
+    "iwae": ("megatron_bolt.latents.iwae_cli", "IWAE bound logsumexp(log w_1..n) - log n on validation chunks"),
+    "serve": ("megatron_bolt.latents.serve_cli", "serve an HF export over SGLang's native /generate API (CPU fleet / tests)"),
 }
 
 
