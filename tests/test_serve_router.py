@@ -1,0 +1,149 @@
+"""The SGLang client through the real `sglang-router` in front of two `bolt serve` worker processes."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import requests
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from megatron_bolt.latents.engines.local import LocalEngine
+from megatron_bolt.latents.engines.sglang import SGLangEngine
+
+STOP = [3, 17, 29]
+
+
+def tiny_model(path) -> str:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, eos_token_id=1, bos_token_id=0,
+    )
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    model.save_pretrained(path)
+    return str(path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: process exited with {proc.returncode}")
+        try:
+            if requests.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} not healthy after {timeout}s")
+
+
+@pytest.fixture()
+def fleet(tmp_path):
+    model_dir = tiny_model(tmp_path / "hf")
+    procs: list[subprocess.Popen] = []
+    workers = []
+    try:
+        for _ in range(2):
+            port = free_port()
+            p = subprocess.Popen(
+                [sys.executable, "-m", "megatron_bolt.cli", "serve", "--model", model_dir, "--port", str(port)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            )
+            procs.append(p)
+            workers.append((f"http://127.0.0.1:{port}", p))
+        for url, p in workers:
+            wait_healthy(url, p)
+        rport = free_port()
+        router = subprocess.Popen(
+            [sys.executable, "-m", "sglang_router.launch_router", "--host", "127.0.0.1", "--port", str(rport),
+             "--worker-urls", *[u for u, _ in workers], "--policy", "round_robin", "--log-level", "warn",
+             "--health-check-interval-secs", "1", "--health-failure-threshold", "1",
+             "--worker-startup-timeout-secs", "60"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        procs.append(router)
+        router_url = f"http://127.0.0.1:{rport}"
+        wait_healthy(router_url, router)
+        # the router reports healthy before its workers are registered; wait for a real answer
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                r = requests.post(f"{router_url}/generate", json={"input_ids": [0, 5], "sampling_params": {"max_new_tokens": 1}}, timeout=10)
+                if r.status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("router never served a /generate")
+            time.sleep(0.3)
+        yield model_dir, router_url, workers
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+PROMPTS = [[0, 5, 6, 7, 8, 9], [0, 11], [0, 20, 21, 22, 23, 24, 25, 26, 27, 28, 30], [0, 40, 41]]
+
+
+def test_router_fleet_matches_local_and_survives_a_dead_worker(fleet):
+    model_dir, router_url, workers = fleet
+    local = LocalEngine(model_dir)
+    client = SGLangEngine(router_url, concurrency=8, backoff_s=0.1, max_backoff_s=1.0, retries=12)
+    try:
+        a = local.sample(PROMPTS, 3, 20, STOP, seed=21)
+        b = client.sample(PROMPTS, 3, 20, STOP, seed=21)
+        for sa, sb in zip(a, b):
+            for x, y in zip(sa, sb):
+                assert x.tokens == y.tokens and x.finished == y.finished
+                assert max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs)) < 1e-3
+        conts = [s[1].tokens for s in a]
+        assert max(abs(p - q) for p, q in zip(local.score(PROMPTS, conts), client.score(PROMPTS, conts))) < 1e-3
+
+        # Kill one worker (SIGKILL) while a larger request set is in flight: it must still complete.
+        many = [[0, 4 + i % 40, 5 + i % 30] for i in range(100)]
+        result: dict = {}
+
+        def run():
+            try:
+                result["out"] = client.sample(many, 2, 24, STOP, seed=5)
+            except Exception as exc:  # surfaced below
+                result["err"] = exc
+
+        t = threading.Thread(target=run)
+        t.start()
+        time.sleep(0.5)
+        assert t.is_alive(), "the workload finished before the kill; make it larger"
+        workers[0][1].send_signal(signal.SIGKILL)
+        t.join(timeout=180)
+        assert not t.is_alive(), "sampling hung after a worker died"
+        assert "err" not in result, result.get("err")
+        out = result["out"]
+        assert len(out) == 100 and all(len(s) == 2 for s in out)
+        ref = local.sample(many, 2, 24, STOP, seed=5)
+        assert [[s.tokens for s in ss] for ss in out] == [[s.tokens for s in ss] for ss in ref]
+        assert workers[0][1].poll() is not None and workers[1][1].poll() is None
+    finally:
+        client.close()
