@@ -1,0 +1,168 @@
+"""BoLT chunking (method.md) and the zarr chunk store."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from megatron_bolt.data import chunk_store as cs
+from megatron_bolt.data.chunk_store import ChunkStore, ChunkStoreWriter, write_chunk_store
+from megatron_bolt.data.chunking import (
+    MAX_SENTENCES_PER_CHUNK,
+    chunk_char_boundaries,
+    chunk_token_lengths,
+    sentence_boundaries,
+    sentences_per_chunk,
+    split_chunks,
+)
+from megatron_bolt.tokenizer import load_tokenizer, train_bpe_tokenizer
+
+INFO = {"tokenizer": "test", "vocab_size": 1000, "special_tokens": {"bos": 1, "eos": 2, "sol": 3, "eol": 4,
+                                                                      "prior": 5, "posterior": 6}}
+
+
+def make_doc(rng: np.random.Generator, n_paragraphs: int) -> str:
+    words = ["alpha", "beta", "gamma", "x", "equals", "Dr.", "sum", "café", "日本", "3.5", "prime"]
+    paragraphs = []
+    for _ in range(n_paragraphs):
+        sentences = []
+        for _ in range(int(rng.integers(1, 30))):
+            body = " ".join(rng.choice(words, size=int(rng.integers(2, 9))))
+            sentences.append(body.capitalize() + str(rng.choice([".", "!", "?"])))
+        paragraphs.append(" ".join(sentences))
+    return str(rng.choice(["\n\n", "\n \n", "\n\n\n"])).join(paragraphs)
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tmp_path_factory):
+    import sentencepiece as spm
+
+    d = tmp_path_factory.mktemp("tok")
+    rng = np.random.default_rng(0)
+    texts = [make_doc(rng, 3) for _ in range(30)]
+    (d / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    (d / "c.txt").write_text("\n".join(texts))
+    spm.SentencePieceTrainer.train(input=str(d / "c.txt"), model_prefix=str(d / "sp"), vocab_size=300,
+                                   model_type="bpe", character_coverage=1.0, byte_fallback=True, minloglevel=2)
+    return {
+        "hf": train_bpe_tokenizer([str(d / "c.jsonl")], 400, str(d / "bpe")),
+        "sentencepiece": load_tokenizer(str(d / "sp.model")),
+    }
+
+
+def test_sentence_boundaries_follow_paragraphs_and_sentences():
+    text = "Dr. Smith went home. He slept!\n\nNew paragraph here? Yes.\n \nLast one"
+    bounds = sentence_boundaries(text)
+    pieces = [text[a:b] for a, b in zip([0, *bounds], [*bounds, len(text)])]
+    assert "".join(pieces) == text
+    assert [p.strip() for p in pieces] == [
+        "Dr. Smith went home.", "He slept!", "New paragraph here?", "Yes.", "Last one"
+    ]
+    # Whitespace between sentences starts the next unit, as in the reference code.
+    assert pieces[2].startswith("\n\n")
+
+
+def test_sentences_per_chunk_is_poisson_plus_one_capped_and_seeded_by_text():
+    counts = sentences_per_chunk("some document", 100_000)
+    assert sum(counts) == 100_000
+    assert min(counts) >= 1 and max(counts) <= MAX_SENTENCES_PER_CHUNK
+    assert 7.7 < np.mean(counts[:-1]) < 8.3  # E[min(Poisson(7) + 1, 20)] ~ 8.0
+    assert sentences_per_chunk("some document", 500) == sentences_per_chunk("some document", 500)
+    assert sentences_per_chunk("another document", 500) != sentences_per_chunk("some document", 500)
+
+
+@pytest.mark.parametrize("backend", ["hf", "sentencepiece"])
+def test_chunks_concatenate_to_the_document_tokenization(tokenizers, backend):
+    tok = tokenizers[backend]
+    rng = np.random.default_rng(1)
+    docs = [make_doc(rng, int(rng.integers(1, 6))) for _ in range(40)]
+    docs += ["One sentence only.", "  leading space. And more.\n\n\n", "Ünïcödé 😀 text. Next 𝔘 one!\n\nPara."]
+    n_multi = 0
+    for text, (ids, ends) in zip(docs, tok.encode_batch_with_ends(docs)):
+        lengths = chunk_token_lengths(text, ends)
+        assert lengths.sum() == len(ids) and (lengths > 0).all()
+        chunks = split_chunks(ids, lengths)
+        assert np.concatenate(chunks).tolist() == tok.encode(text)
+        # Deterministic: same text, same chunks.
+        assert chunk_token_lengths(text, ends).tolist() == lengths.tolist()
+        n_multi += len(lengths) > 1
+        # Every chunk boundary is a sentence boundary and chunks hold at most 20 sentences.
+        bounds = sentence_boundaries(text)
+        cuts = chunk_char_boundaries(text)
+        assert set(cuts) <= set(bounds)
+        edges = [0, *[bounds.index(c) + 1 for c in cuts], len(bounds) + 1]
+        assert max(np.diff(edges)) <= MAX_SENTENCES_PER_CHUNK
+    assert n_multi > 20
+
+
+def random_docs(rng, n_docs):
+    return [[rng.integers(0, 1000, size=int(rng.integers(1, 40))).astype(np.int32)
+             for _ in range(int(rng.integers(1, 9)))] for _ in range(n_docs)]
+
+
+def test_chunk_store_round_trip_and_prefix_context(tmp_path, monkeypatch):
+    monkeypatch.setattr(cs, "TOKENS_BLOCK", 64)  # many small zarr blocks: exercise cross-block reads
+    rng = np.random.default_rng(2)
+    docs = random_docs(rng, 60)
+    path = str(tmp_path / "chunks.zarr")
+    write_chunk_store(path, docs, INFO)
+    store = ChunkStore.open(path, cache_blocks=3)
+    assert store.num_docs == len(docs) and store.num_chunks == sum(len(d) for d in docs)
+    assert store.vocab_size == 1000 and store.special_tokens == INFO["special_tokens"]
+    i = 0
+    for d, chunks in enumerate(docs):
+        assert store.doc_chunk_range(d) == (i, i + len(chunks))
+        assert store.doc_tokens(d).tolist() == np.concatenate(chunks).tolist()
+        for j, chunk in enumerate(chunks):
+            assert store.chunk_tokens(i).tolist() == chunk.tolist()
+            assert store.chunk_doc[i] == d and store.chunk_index[i] == j
+            for k in (0, 1, 3):
+                want = np.concatenate([np.zeros(0, np.int32), *chunks[max(0, j - k) : j]])
+                assert store.prefix_tokens(i, k).tolist() == want.tolist()
+            i += 1
+    assert store.prefix_tokens(store.doc_chunk_range(5)[0], 3).size == 0
+    with pytest.raises(IndexError):
+        store.chunk_tokens(store.num_chunks)
+
+
+def test_chunk_store_layout_is_plain_zarr(tmp_path):
+    import zarr
+
+    path = str(tmp_path / "c.zarr")
+    write_chunk_store(path, [[np.array([5, 6], np.int32), np.array([7], np.int32)], [np.array([8], np.int32)]], INFO)
+    g = zarr.open_group(path, mode="r")
+    assert g["tokens"][:].tolist() == [5, 6, 7, 8] and g["tokens"].dtype == np.int32
+    assert g["chunk_offsets"][:].tolist() == [0, 2, 3, 4]
+    assert g["chunk_doc"][:].tolist() == [0, 0, 1]
+    assert g["chunk_index"][:].tolist() == [0, 1, 0] and g["chunk_index"].dtype == np.int32
+    assert g["doc_chunk_offsets"][:].tolist() == [0, 2, 3]
+    assert g.attrs["format_version"] == cs.FORMAT_VERSION and g.attrs["special_tokens"]["sol"] == 3
+
+
+def test_failed_write_leaves_nothing_and_keeps_the_old_store(tmp_path):
+    path = str(tmp_path / "c.zarr")
+    write_chunk_store(path, [[np.array([1, 2], np.int32)]], INFO)
+
+    def boom():
+        yield [np.array([9], np.int32)]
+        raise RuntimeError("interrupted")
+
+    with pytest.raises(RuntimeError):
+        write_chunk_store(path, boom(), INFO)
+    assert ChunkStore.open(path).chunk_tokens(0).tolist() == [1, 2]
+    assert sorted(os.listdir(tmp_path)) == ["c.zarr"]
+    # A successful rewrite replaces it.
+    write_chunk_store(path, [[np.array([3], np.int32)], [np.array([4], np.int32)]], INFO)
+    assert ChunkStore.open(path).num_docs == 2 and sorted(os.listdir(tmp_path)) == ["c.zarr"]
+
+
+def test_chunk_store_on_an_fsspec_url():
+    url = "memory://bolt-test/chunks.zarr"
+    with ChunkStoreWriter(url, INFO) as w:
+        w.add_document_flat(np.arange(10, dtype=np.int32), np.array([4, 6]))
+    store = ChunkStore.open(url)
+    assert store.chunk_tokens(1).tolist() == list(range(4, 10))
+    assert store.prefix_tokens(1, 1).tolist() == [0, 1, 2, 3]
