@@ -216,7 +216,8 @@ class LatentStore:
     def chosen_latent(self, i: int) -> np.ndarray | None:
         """The resampled latent of chunk i, or None while its block is not done."""
         b = self.block_of(i)
-        if not self.is_done(b):
+        # A block in the cache was finished when read; skip the per-call marker read for it.
+        if (self._cache is None or self._cache[0] != b) and not self.is_done(b):
             return None
         offsets, tokens = self.read_block_chosen(b)
         j = i - b * self.block_size

@@ -1,0 +1,274 @@
+"""Merge: a chunk store + a latent store -> a Megatron indexed dataset of latent-thought documents.
+
+Every document is rebuilt from its chunks as `BOS chunk_1 ... chunk_n EOS`, each chunk in prior
+form (`SoL PRIOR Z EoL X`) or posterior form (`SoL EoL X SoL POST Z EoL`), drawn independently per
+chunk with P(posterior) = `posterior_prob`. The reference redraws the form every time a document is
+read; a static .bin can only do that by holding E epochs of documents, each with its own draw, so
+the output is epoch 0 (all documents in order), epoch 1, ..., then the raw (latent-free) copies.
+
+Randomness: epoch e draws its forms from `default_rng([seed, e])`, one uniform per chunk in chunk
+order, whatever the windowing, so a fixed seed gives byte-identical files. Raw copies come from
+`default_rng([seed, epochs])`. Missing latents (blocks not done) are an error, or with
+`allow_missing` the chunk is written raw (its form draw is still consumed, so the other chunks'
+forms do not depend on which blocks were finished).
+
+Speed: documents are processed in windows of whole documents (about `window_tokens` chunk tokens);
+a window is one zarr read of the chunk tokens, one read of each latent block's chosen latents, and
+one numpy gather (`formats.assemble_documents`), so the cost is close to copying the bytes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from megatron_bolt.data.formats import POSTERIOR, PRIOR, RAW, assemble_documents
+from megatron_bolt.errors import UserError
+
+_SPECIALS = ("bos", "eos", "sol", "eol", "prior", "posterior")
+
+
+@dataclass
+class MergeSummary:
+    output_prefix: str  # the Megatron data prefix: {output_prefix}_text_document
+    dtype: str
+    epochs: int
+    documents: int = 0  # latent documents written (all epochs)
+    raw_documents: int = 0  # latent-free copies written
+    empty_documents_skipped: int = 0  # documents with no chunks (per pass, counted once)
+    chunks: dict[str, int] = field(default_factory=lambda: {"prior": 0, "posterior": 0, "missing_raw": 0, "raw_copy": 0})
+    tokens: int = 0
+    latent_tokens: int = 0  # Z tokens
+    special_tokens: int = 0  # SoL/EoL/PRIOR/POST (BOS/EOS not counted)
+    seconds: float = 0.0
+
+    @property
+    def latent_share(self) -> float:
+        return self.latent_tokens / self.tokens if self.tokens else 0.0
+
+    def format(self) -> str:
+        c = self.chunks
+        mb = self.tokens * np.dtype(self.dtype).itemsize / 1e6
+        return "\n".join(
+            [
+                f"wrote {self.output_prefix}_text_document.bin/.idx ({self.dtype}, {mb:.1f} MB in {self.seconds:.1f} s)",
+                f"documents: {self.documents} with latents over {self.epochs} epoch(s), {self.raw_documents} raw copies,"
+                f" {self.empty_documents_skipped} empty skipped",
+                f"chunks: prior {c['prior']}, posterior {c['posterior']}, raw (latent missing) {c['missing_raw']},"
+                f" in raw copies {c['raw_copy']}",
+                f"tokens: {self.tokens}, latent {self.latent_tokens} ({100 * self.latent_share:.1f}%),"
+                f" latent specials {self.special_tokens}",
+            ]
+        )
+
+
+def output_paths(output_prefix: str | Path) -> tuple[str, str]:
+    base = f"{output_prefix}_text_document"
+    return base + ".bin", base + ".idx"
+
+
+def _latent_ids(special_tokens: dict, where: str):
+    from megatron_bolt.tokenizer import LatentTokenIds
+
+    missing = [k for k in _SPECIALS if k not in special_tokens]
+    if missing:
+        raise UserError(f"{where}: attribute special_tokens lacks {', '.join(missing)} (has {sorted(special_tokens)})")
+    s = {k: int(v) for k, v in special_tokens.items()}
+    return LatentTokenIds(sol=s["sol"], eol=s["eol"], prior=s["prior"], posterior=s["posterior"]), s["bos"], s["eos"]
+
+
+class _Windows:
+    """Doc-aligned windows over the chunk store and gathered inputs for assemble_documents."""
+
+    def __init__(self, chunks_path: str, window_tokens: int):
+        import zarr
+
+        from megatron_bolt.data.chunk_store import ChunkStore
+
+        try:
+            self.store = ChunkStore.open(chunks_path)
+        except (FileNotFoundError, KeyError, ValueError) as exc:
+            raise UserError(f"{chunks_path}: not a readable chunk store ({exc})") from None
+        # Token windows are read straight from the `tokens` array of the chunk-store layout: one
+        # large slice per window instead of per-chunk reads.
+        self.tokens = zarr.open_group(chunks_path, mode="r")["tokens"]
+        self.chunk_offsets = self.store.chunk_offsets
+        doc_chunks = self.store.doc_chunk_offsets
+        self.doc_chunk_offsets = doc_chunks
+        counts = np.diff(doc_chunks)
+        self.empty_docs = int((counts == 0).sum())
+        self.nonempty = np.flatnonzero(counts > 0)  # documents that are written
+        doc_token_end = self.chunk_offsets[doc_chunks[1:]]
+        self.windows: list[tuple[int, int]] = []
+        d0, num_docs = 0, len(counts)
+        while d0 < num_docs:
+            target = self.chunk_offsets[doc_chunks[d0]] + window_tokens
+            d1 = max(d0 + 1, int(np.searchsorted(doc_token_end, target, side="right")))
+            self.windows.append((d0, min(d1, num_docs)))
+            d0 = d1
+
+    def read(self, d0: int, d1: int) -> tuple[int, int, np.ndarray, np.ndarray, np.ndarray]:
+        """Chunks [c0, c1) of documents [d0, d1): (c0, c1, x tokens, x lengths, chunks per doc)."""
+        c0, c1 = int(self.doc_chunk_offsets[d0]), int(self.doc_chunk_offsets[d1])
+        offs = self.chunk_offsets[c0 : c1 + 1]
+        x = np.asarray(self.tokens[int(offs[0]) : int(offs[-1])]) if c1 > c0 else np.zeros(0, np.int32)
+        return c0, c1, x, np.diff(offs), np.diff(self.doc_chunk_offsets[d0 : d1 + 1])
+
+
+def _chosen_latents(latents, c0: int, c1: int, done: set[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Chosen latents of chunks [c0, c1): (flat tokens, lengths, have-latent mask)."""
+    bs = latents.block_size
+    parts, lengths, have = [], np.zeros(c1 - c0, np.int64), np.zeros(c1 - c0, bool)
+    c = c0
+    while c < c1:
+        b = c // bs
+        end = min(c1, (b + 1) * bs)
+        if b in done:
+            offsets, tokens = latents.read_block_chosen(b)
+            j0, j1 = c - b * bs, end - b * bs
+            parts.append(tokens[offsets[j0] : offsets[j1]])
+            lengths[c - c0 : end - c0] = np.diff(offsets[j0 : j1 + 1])
+            have[c - c0 : end - c0] = True
+        c = end
+    flat = np.concatenate(parts) if parts else np.zeros(0, np.int32)
+    return flat, lengths, have
+
+
+def merge_latents(
+    chunks_path: str | Path,
+    latents_path: str | Path,
+    output_prefix: str | Path,
+    epochs: int = 1,
+    posterior_prob: float = 0.5,
+    raw_mix: float = 0.0,
+    seed: int = 0,
+    allow_missing: bool = False,
+    window_tokens: int = 1 << 22,
+    progress: bool = True,
+) -> MergeSummary:
+    """Write `{output_prefix}_text_document.bin/.idx` (see the module docstring); returns the summary.
+
+    raw_mix R adds round(R * documents * epochs) latent-free copies (BOS + chunks + EOS): R = 1
+    means as many raw documents as latent ones; whole passes first, then a random subset.
+    """
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    from megatron_bolt.latents.store import LatentStore
+
+    start_time = time.perf_counter()
+    if epochs < 1:
+        raise UserError(f"--epochs must be >= 1, got {epochs}")
+    if not 0.0 <= posterior_prob <= 1.0:
+        raise UserError(f"--posterior-prob must be in [0, 1], got {posterior_prob}")
+    if raw_mix < 0:
+        raise UserError(f"--raw-mix must be >= 0, got {raw_mix}")
+    chunks_path, latents_path = str(chunks_path), str(latents_path)
+    win = _Windows(chunks_path, window_tokens)
+    ids, bos, eos = _latent_ids(win.store.special_tokens, chunks_path)
+    vocab = win.store.vocab_size
+    dtype = np.uint16 if vocab < 65500 else np.int32
+
+    latents = LatentStore.open(latents_path, mode="r")
+    num_chunks = win.store.num_chunks
+    if latents.num_chunks != num_chunks:
+        raise UserError(f"{latents_path}: latent store has {latents.num_chunks} chunks, {chunks_path} has {num_chunks}")
+    done = latents.blocks_done()
+    missing_blocks = latents.num_blocks - len(done)
+    if missing_blocks and not allow_missing:
+        first = min(set(range(latents.num_blocks)) - done)
+        raise UserError(
+            f"{latents_path}: {latents.status()}; first missing block {first} (chunks from "
+            f"{latents.block_range(first).start}). Finish the E-step, or pass --allow-missing to write those chunks raw"
+        )
+
+    summary = MergeSummary(output_prefix=str(output_prefix), dtype=np.dtype(dtype).name, epochs=epochs)
+    summary.empty_documents_skipped = win.empty_docs
+    num_docs = len(win.nonempty)
+    n_raw = int(round(raw_mix * num_docs * epochs))
+    raw_rng = np.random.default_rng([seed, epochs])
+    raw_subset = np.zeros(win.doc_chunk_offsets.shape[0] - 1, dtype=bool)
+    if num_docs and n_raw % num_docs:
+        raw_subset[raw_rng.choice(win.nonempty, size=n_raw % num_docs, replace=False)] = True
+    # Passes: ("latent", epoch) ... then ("raw", None) full passes and one subset pass.
+    passes: list[tuple[str, int | None]] = [("latent", e) for e in range(epochs)]
+    if num_docs:
+        passes += [("raw", None)] * (n_raw // num_docs)
+        if n_raw % num_docs:
+            passes.append(("raw_subset", None))
+
+    bin_path, idx_path = output_paths(output_prefix)
+    Path(bin_path).parent.mkdir(parents=True, exist_ok=True)
+    tmp_bin, tmp_idx = f"{bin_path}.tmp-{os.getpid()}", f"{idx_path}.tmp-{os.getpid()}"
+    subset_chunks = int(np.diff(win.doc_chunk_offsets)[raw_subset].sum())
+    total_chunks = sum(num_chunks if kind != "raw_subset" else subset_chunks for kind, _ in passes)
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_chunks, unit="chunk", desc="merge", file=sys.stderr, disable=not progress)
+    try:
+        builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
+        for kind, epoch in passes:
+            rng = np.random.default_rng([seed, epoch]) if kind == "latent" else None
+            for d0, d1 in win.windows:
+                c0, c1, x, x_len, doc_counts = win.read(d0, d1)
+                _check_ids(x, vocab, chunks_path, "chunk")
+                if kind == "latent":
+                    draw = rng.random(c1 - c0)
+                    forms = np.where(draw < posterior_prob, POSTERIOR, PRIOR)
+                    z, z_len, have = _chosen_latents(latents, c0, c1, done)
+                    _check_ids(z, vocab, latents_path, "latent")
+                    forms[~have] = RAW
+                    summary.chunks["prior"] += int((forms == PRIOR).sum())
+                    summary.chunks["posterior"] += int((forms == POSTERIOR).sum())
+                    summary.chunks["missing_raw"] += int((~have).sum())
+                    summary.latent_tokens += int(z_len.sum())
+                    summary.special_tokens += 3 * int((forms == PRIOR).sum()) + 5 * int((forms == POSTERIOR).sum())
+                else:
+                    forms = np.full(c1 - c0, RAW)
+                    z, z_len = np.zeros(0, np.int32), np.zeros(c1 - c0, np.int64)
+                    if kind == "raw_subset":
+                        keep_docs = raw_subset[d0:d1]
+                        keep_chunks = np.repeat(keep_docs, doc_counts)
+                        x = x[np.repeat(keep_chunks, x_len)]
+                        x_len, forms, z_len = x_len[keep_chunks], forms[keep_chunks], z_len[keep_chunks]
+                        doc_counts = np.where(keep_docs, doc_counts, 0)
+                    summary.chunks["raw_copy"] += len(forms)
+                nonempty = doc_counts > 0
+                tokens, doc_lengths = assemble_documents(
+                    x, x_len, z, z_len, forms, doc_counts[nonempty], ids, bos, eos, dtype=dtype
+                )
+                _add_documents(builder, tokens, doc_lengths)
+                if kind == "latent":
+                    summary.documents += len(doc_lengths)
+                else:
+                    summary.raw_documents += len(doc_lengths)
+                summary.tokens += len(tokens)
+                bar.update(len(forms))
+        builder.finalize(tmp_idx)
+        os.replace(tmp_bin, bin_path)
+        os.replace(tmp_idx, idx_path)
+    finally:
+        bar.close()
+        for p in (tmp_bin, tmp_idx):
+            if os.path.exists(p):
+                os.remove(p)
+    summary.seconds = time.perf_counter() - start_time
+    return summary
+
+
+def _check_ids(tokens: np.ndarray, vocab: int, where: str, what: str) -> None:
+    if len(tokens) and (int(tokens.max()) >= vocab or int(tokens.min()) < 0):
+        bad = int(tokens.max()) if int(tokens.max()) >= vocab else int(tokens.min())
+        raise UserError(f"{where}: {what} token id {bad} outside the vocabulary [0, {vocab})")
+
+
+def _add_documents(builder, tokens: np.ndarray, doc_lengths: np.ndarray) -> None:
+    """One builder document per output document (Megatron's document index = our documents)."""
+    ends = np.cumsum(doc_lengths)
+    starts = ends - doc_lengths
+    for s, e in zip(starts.tolist(), ends.tolist()):
+        builder.add_document(tokens[s:e], [e - s])
