@@ -1,0 +1,307 @@
+"""The Monte Carlo E-step of BoLT (method.md): sample K latents per chunk from q, weight them by
+p/q, resample one, and write the store block by block.
+
+For chunk X with prefix C (the previous `prefix_chunks` chunks of its document), with BOS first as
+every training document has it:
+    q prompt        BOS C SoL EoL X SoL POST          -> sample Z ... EoL (stop at EoL)
+    log q(Z | X)    sum of the sampled tokens' log-probs (Z and the closing EoL)
+    log p(Z, X)     sum of the log-probs of `SoL PRIOR Z EoL X` given `BOS C` (one prefill)
+    log w           log p - log q;   chosen ~ softmax(log w)   (K = 1: the one sample)
+A latent that runs into `max_latent_tokens` without EoL is kept as is (no filtering, as in
+method.md); its log q has no EoL term, its log p still scores the EoL that closes it.
+
+Reproducibility: the prompt seed of chunk i in block b is derive_seed(seed, b, i) and sample k uses
+sample_seed(that, k); the resampling RNG is seeded from (seed, b, i) too. So a block's result is
+a function of (model, data, seed, block) only: shard layout, batch size and interruptions do not
+change it, and a re-run of a block rewrites identical values.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from megatron_bolt.data.formats import posterior_sampling_prompt, prior_scoring_sequence
+from megatron_bolt.errors import UserError
+from megatron_bolt.latents.engines.base import Engine, derive_seed
+from megatron_bolt.tokenizer import LatentTokenIds
+
+_RESAMPLE_TAG = 0x5E5A  # separates the resampling stream from the sampling seeds
+
+
+@dataclass
+class EStepSettings:
+    samples: int = 4
+    prefix_chunks: int = 3
+    max_latent_tokens: int = 1024
+    seed: int = 0
+    # settings that must not change between a run and its resumption
+    def fingerprint(self) -> dict:
+        return {"samples": self.samples, "prefix_chunks": self.prefix_chunks,
+                "max_latent_tokens": self.max_latent_tokens, "seed": self.seed}
+
+
+@dataclass
+class BlockResult:
+    chunks: list[int]
+    latents: list[list[list[int]]]  # [chunk][k] -> Z tokens (without the closing EoL)
+    log_q: np.ndarray  # [n, K]
+    log_p: np.ndarray
+    log_w: np.ndarray
+    chosen: np.ndarray  # [n]
+    finished: np.ndarray  # [n, K] bool: the latent ended with EoL
+    sample_seconds: float = 0.0
+    score_seconds: float = 0.0
+
+    @property
+    def latent_tokens(self) -> int:
+        return int(sum(len(z) for per in self.latents for z in per))
+
+
+@dataclass
+class EStepTotals:
+    blocks: int = 0
+    chunks: int = 0
+    latents: int = 0
+    latent_tokens: int = 0
+    unfinished: int = 0
+    sample_seconds: float = 0.0
+    score_seconds: float = 0.0
+    seconds: float = 0.0
+    skipped_blocks: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def line(self) -> str:
+        s = max(self.seconds, 1e-9)
+        return (
+            f"{self.blocks} blocks, {self.chunks} chunks, {self.latents} latents, {self.latent_tokens} latent tokens "
+            f"in {self.seconds:.1f}s ({self.chunks / s:.2f} chunks/s, {self.latent_tokens / s:.1f} latent tok/s); "
+            f"sampling {self.sample_seconds:.1f}s, scoring {self.score_seconds:.1f}s; "
+            f"{self.unfinished} latents hit max tokens; {self.skipped_blocks} blocks already done"
+        )
+
+
+def latent_ids(special_tokens: dict[str, int]) -> LatentTokenIds:
+    try:
+        return LatentTokenIds(sol=int(special_tokens["sol"]), eol=int(special_tokens["eol"]),
+                              prior=int(special_tokens["prior"]), posterior=int(special_tokens["posterior"]))
+    except KeyError as exc:
+        raise UserError(f"chunk store special_tokens lacks {exc.args[0]!r} (has {sorted(special_tokens)})") from None
+
+
+def resample(log_w: np.ndarray, rng: np.random.Generator) -> int:
+    """Index drawn from softmax(log_w) (self-normalised importance resampling, not argmax)."""
+    if len(log_w) == 1:
+        return 0
+    w = np.asarray(log_w, dtype=np.float64)
+    w = np.exp(w - w.max())
+    return int(rng.choice(len(w), p=w / w.sum()))
+
+
+def resample_rng(seed: int, block: int, chunk: int) -> np.random.Generator:
+    return np.random.default_rng(derive_seed(seed, block, chunk, _RESAMPLE_TAG))
+
+
+def chunk_prompt_seed(seed: int, block: int, chunk: int) -> int:
+    return derive_seed(seed, block, chunk)
+
+
+def sample_and_weight(
+    engine: Engine,
+    chunks,  # ChunkStore
+    chunk_indices: list[int],
+    settings: EStepSettings,
+    block: int,
+    samples: int | None = None,
+) -> BlockResult:
+    """Sample K latents for each chunk, score them, and compute log w and the resampled choice."""
+    k = samples or settings.samples
+    sp = chunks.special_tokens
+    ids = latent_ids(sp)
+    bos = [int(sp["bos"])] if sp.get("bos") is not None and int(sp["bos"]) >= 0 else []
+    prefixes, xs, prompts = [], [], []
+    for i in chunk_indices:
+        c = [int(t) for t in chunks.prefix_tokens(i, settings.prefix_chunks)]
+        x = [int(t) for t in chunks.chunk_tokens(i)]
+        prefixes.append(c)
+        xs.append(x)
+        prompts.append(bos + posterior_sampling_prompt(c, x, ids))
+    seeds = [chunk_prompt_seed(settings.seed, block, i) for i in chunk_indices]
+    t0 = time.perf_counter()
+    sampled = engine.sample(prompts, k, settings.max_latent_tokens, [ids.eol], seed=seeds)
+    t1 = time.perf_counter()
+    n = len(chunk_indices)
+    latents: list[list[list[int]]] = []
+    log_q = np.zeros((n, k))
+    finished = np.zeros((n, k), dtype=bool)
+    score_prompts, score_conts = [], []
+    for j, per in enumerate(sampled):
+        zs = []
+        for s_idx, s in enumerate(per):
+            z = s.body()
+            zs.append(z)
+            log_q[j, s_idx] = s.logprob_sum
+            finished[j, s_idx] = s.finished
+            seq, start = prior_scoring_sequence(prefixes[j], z, xs[j], ids)
+            score_prompts.append(bos + seq[:start])
+            score_conts.append(seq[start:])
+        latents.append(zs)
+    t2 = time.perf_counter()
+    log_p = np.asarray(engine.score(score_prompts, score_conts), dtype=np.float64).reshape(n, k)
+    t3 = time.perf_counter()
+    log_w = log_p - log_q
+    chosen = np.array(
+        [resample(log_w[j], resample_rng(settings.seed, block, i)) for j, i in enumerate(chunk_indices)],
+        dtype=np.int32,
+    )
+    return BlockResult(list(chunk_indices), latents, log_q, log_p, log_w, chosen, finished, t1 - t0, t3 - t2)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise UserError(f"--shard {text!r}: expected i/N, e.g. 0/4") from None
+    if n < 1 or not 0 <= i < n:
+        raise UserError(f"--shard {text!r}: need 0 <= i < N")
+    return i, n
+
+
+def shard_blocks(num_blocks: int, shard: tuple[int, int]) -> list[int]:
+    """Blocks of shard i/N: b with b % N == i (interleaved, so shards finish at similar times)."""
+    i, n = shard
+    return [b for b in range(num_blocks) if b % n == i]
+
+
+def open_or_create_store(path: str, num_chunks: int, settings: EStepSettings, block_size: int, meta: dict):
+    """Create the store, or open the existing one after checking it was made with the same settings."""
+    from megatron_bolt.latents.store import LatentStore
+
+    full_meta = {**meta, **settings.fingerprint()}
+    store = None
+    for attempt in range(5):
+        try:
+            store = LatentStore.create(path, num_chunks, settings.samples, block_size, meta=full_meta, exist_ok=True)
+            break
+        except UserError:
+            raise
+        except Exception:  # another shard created it at the same moment: open it instead
+            if attempt == 4:
+                raise
+            time.sleep(0.2 * (attempt + 1))
+    assert store is not None
+    for key, want in settings.fingerprint().items():
+        have = store.attrs.get(key)
+        if have is not None and have != want:
+            raise UserError(f"{path}: store was made with {key}={have}, this run has {key}={want}; use a new --out")
+    return store
+
+
+def run_estep(
+    engine: Engine,
+    chunks,  # ChunkStore
+    store,  # LatentStore
+    settings: EStepSettings,
+    shard: tuple[int, int] = (0, 1),
+    block_meta: dict | None = None,
+    progress: bool = True,
+    max_blocks: int | None = None,
+) -> EStepTotals:
+    """Fill every unfinished block of this shard; finished blocks are skipped (resume)."""
+    if store.num_chunks != chunks.num_chunks:
+        raise UserError(f"{store.path}: store has {store.num_chunks} chunks, chunk store has {chunks.num_chunks}")
+    mine = shard_blocks(store.num_blocks, shard)
+    done = store.blocks_done()
+    todo = [b for b in mine if b not in done]
+    totals = EStepTotals(skipped_blocks=len(mine) - len(todo))
+    if max_blocks is not None:
+        todo = todo[:max_blocks]
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(len(store.block_range(b)) for b in todo), unit="chunk", file=sys.stderr,
+                   desc=f"estep shard {shard[0]}/{shard[1]}", dynamic_ncols=True)
+    start = time.perf_counter()
+    for b in todo:
+        res = sample_and_weight(engine, chunks, list(store.block_range(b)), settings, b)
+        store.write_block(b, res.latents, res.log_q, res.log_p, res.log_w, res.chosen,
+                          meta={**(block_meta or {}), "shard": f"{shard[0]}/{shard[1]}",
+                                "unfinished": int((~res.finished).sum())})
+        totals.blocks += 1
+        totals.chunks += len(res.chunks)
+        totals.latents += res.log_q.size
+        totals.latent_tokens += res.latent_tokens
+        totals.unfinished += int((~res.finished).sum())
+        totals.sample_seconds += res.sample_seconds
+        totals.score_seconds += res.score_seconds
+        totals.seconds = time.perf_counter() - start
+        if bar is not None:
+            bar.update(len(res.chunks))
+            bar.set_postfix(chunks_s=f"{totals.chunks / totals.seconds:.2f}",
+                            latent_tok_s=f"{totals.latent_tokens / totals.seconds:.0f}")
+    if bar is not None:
+        bar.close()
+    totals.seconds = time.perf_counter() - start
+    return totals
+
+
+# ------------------------------------------------------------------------------------------ IWAE
+def iwae_bounds(log_w: np.ndarray, ns: Iterable[int]) -> dict[int, float]:
+    """Mean over chunks of logsumexp(log w_1..n) - log n, using the first n of the K samples."""
+    out = {}
+    for n in ns:
+        if n < 1 or n > log_w.shape[1]:
+            raise ValueError(f"n={n} needs 1 <= n <= {log_w.shape[1]}")
+        sub = log_w[:, :n]
+        m = sub.max(axis=1, keepdims=True)
+        lse = (m[:, 0] + np.log(np.exp(sub - m).sum(axis=1))) - math.log(n)
+        out[n] = float(lse.mean())
+    return out
+
+
+def run_iwae(
+    engine: Engine,
+    chunks,
+    ns: list[int],
+    settings: EStepSettings,
+    max_chunks: int | None = None,
+    batch_chunks: int = 64,
+    progress: bool = True,
+) -> dict:
+    """IWAE bounds for n in ns on (the first max_chunks) chunks, per chunk and per X token."""
+    total = chunks.num_chunks if max_chunks is None else min(max_chunks, chunks.num_chunks)
+    if total == 0:
+        raise UserError(f"{chunks.path}: no chunks")
+    kmax = max(ns)
+    all_w = []
+    x_tokens = 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, unit="chunk", file=sys.stderr, desc="iwae", dynamic_ncols=True)
+    for start in range(0, total, batch_chunks):
+        idx = list(range(start, min(start + batch_chunks, total)))
+        res = sample_and_weight(engine, chunks, idx, settings, block=start // batch_chunks, samples=kmax)
+        all_w.append(res.log_w)
+        x_tokens += sum(len(chunks.chunk_tokens(i)) for i in idx)
+        if bar is not None:
+            bar.update(len(idx))
+    if bar is not None:
+        bar.close()
+    log_w = np.concatenate(all_w)
+    bounds = iwae_bounds(log_w, ns)
+    return {
+        "chunks": total,
+        "x_tokens": x_tokens,
+        "samples": kmax,
+        "iwae_per_chunk": {str(n): v for n, v in bounds.items()},
+        "iwae_per_token": {str(n): v * total / max(x_tokens, 1) for n, v in bounds.items()},
+        "settings": asdict(settings),
+    }

@@ -1,0 +1,81 @@
+"""`bolt estep`: sample K latents per chunk, weight by p/q, resample one, write a latent store.
+
+Re-running the same command resumes: finished blocks are skipped. `--shard i/N` lets N jobs fill
+one store (block b belongs to shard b % N). Results do not depend on the shard layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from megatron_bolt.errors import UserError
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="HF export directory of the current model")
+    parser.add_argument("--chunks", required=True, help="chunk store (zarr) from preprocessing")
+    parser.add_argument("--engine", choices=["local", "sglang"], default="local",
+                        help="local: transformers in this process; sglang: HTTP client of --server")
+    parser.add_argument("--server", nargs="+", default=[], metavar="URL",
+                        help="sglang engine: one router URL, or several server URLs (round robin)")
+    parser.add_argument("--concurrency", type=int, default=64, help="sglang engine: requests in flight")
+    parser.add_argument("--device", default=None, help="local engine: torch device (default cuda if available)")
+    parser.add_argument("--prefix-chunks", type=int, default=3, help="previous chunks given as context (default 3)")
+    parser.add_argument("--max-latent-tokens", type=int, default=1024, help="cap on a latent's length (default 1024)")
+    parser.add_argument("--seed", type=int, default=0, help="run seed; same seed, same latents")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def make_engine(args: argparse.Namespace):
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        raise UserError(f"{args.model}: no config.json (expected an HF export directory)")
+    if args.engine == "sglang":
+        if not args.server:
+            raise UserError("--engine sglang needs --server URL [URL ...]")
+        from megatron_bolt.latents.engines.sglang import SGLangEngine
+
+        return SGLangEngine(args.server, concurrency=args.concurrency)
+    from megatron_bolt.latents.engines.local import LocalEngine
+
+    return LocalEngine(args.model, device=args.device)
+
+
+def open_chunks(path: str):
+    from megatron_bolt.data.chunk_store import ChunkStore
+
+    try:
+        return ChunkStore.open(path)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no chunk store there") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_engine_arguments(parser)
+    parser.add_argument("--out", required=True, help="latent store (zarr) to create or resume")
+    parser.add_argument("--samples", type=int, required=True, help="K latents per chunk")
+    parser.add_argument("--shard", default="0/1", help="i/N: this job fills blocks b with b %% N == i")
+    parser.add_argument("--block-size", type=int, default=256, help="chunks per block (unit of resume)")
+    parser.add_argument("--max-blocks", type=int, default=None, help="stop after this many blocks (testing)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from megatron_bolt.latents.estep import EStepSettings, open_or_create_store, parse_shard, run_estep
+
+    if args.samples < 1:
+        raise UserError("--samples must be >= 1")
+    shard = parse_shard(args.shard)
+    chunks = open_chunks(args.chunks)
+    settings = EStepSettings(args.samples, args.prefix_chunks, args.max_latent_tokens, args.seed)
+    meta = {"engine": args.engine, "model": os.path.abspath(args.model), "chunks": str(args.chunks)}
+    store = open_or_create_store(args.out, chunks.num_chunks, settings, args.block_size, meta)
+    engine = make_engine(args)
+    try:
+        totals = run_estep(engine, chunks, store, settings, shard, block_meta={"engine": args.engine},
+                           progress=not args.quiet, max_blocks=args.max_blocks)
+    finally:
+        engine.close()
+    print(f"bolt estep: {totals.line()}", file=sys.stderr)
+    print(f"bolt estep: {store.status()}", file=sys.stderr)
+    return 0

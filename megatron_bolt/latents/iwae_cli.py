@@ -1,0 +1,45 @@
+"""`bolt iwae`: the IWAE bound logsumexp(log w_1..n) - log n (method.md) on validation chunks."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from megatron_bolt.errors import UserError
+from megatron_bolt.latents.estep_cli import add_engine_arguments, make_engine, open_chunks
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_engine_arguments(parser)
+    parser.add_argument("--samples", default="1,2,4", help="comma-separated n values (default 1,2,4)")
+    parser.add_argument("--max-chunks", type=int, default=None, help="use only the first N chunks")
+    parser.add_argument("--json", default=None, help="also write the result as JSON to this file")
+
+
+def run(args: argparse.Namespace) -> int:
+    from megatron_bolt.latents.estep import EStepSettings, run_iwae
+
+    try:
+        ns = sorted({int(v) for v in args.samples.split(",") if v.strip()})
+    except ValueError:
+        raise UserError(f"--samples {args.samples!r}: expected comma-separated integers") from None
+    if not ns or ns[0] < 1:
+        raise UserError("--samples values must be >= 1")
+    chunks = open_chunks(args.chunks)
+    engine = make_engine(args)
+    settings = EStepSettings(max(ns), args.prefix_chunks, args.max_latent_tokens, args.seed)
+    try:
+        result = run_iwae(engine, chunks, ns, settings, args.max_chunks, progress=not args.quiet)
+    finally:
+        engine.close()
+    result["model"] = os.path.abspath(args.model)
+    for n in ns:
+        print(f"iwae n={n}: {result['iwae_per_chunk'][str(n)]:.4f} nats/chunk, "
+              f"{result['iwae_per_token'][str(n)]:.4f} nats/token ({result['chunks']} chunks)")
+    if args.json:
+        tmp = f"{args.json}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            json.dump(result, f, indent=2)
+        os.replace(tmp, args.json)
+    return 0
