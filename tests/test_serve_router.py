@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -64,6 +65,7 @@ def fleet(tmp_path):
             p = subprocess.Popen(
                 [sys.executable, "-m", "megatron_bolt.cli", "serve", "--model", model_dir, "--port", str(port)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                env={**os.environ, "OMP_NUM_THREADS": "1"},  # two workers on a small machine
             )
             procs.append(p)
             workers.append((f"http://127.0.0.1:{port}", p))
@@ -147,3 +149,52 @@ def test_router_fleet_matches_local_and_survives_a_dead_worker(fleet):
         assert workers[0][1].poll() is not None and workers[1][1].poll() is None
     finally:
         client.close()
+
+
+def test_estep_through_router_matches_local_store_despite_a_dead_worker(fleet, tmp_path):
+    import numpy as np
+
+    from megatron_bolt.data.chunk_store import ChunkStore, write_chunk_store
+    from megatron_bolt.latents.estep import EStepSettings, open_or_create_store, run_estep
+    from megatron_bolt.latents.store import LatentStore
+
+    model_dir, router_url, workers = fleet
+    special = {"bos": 0, "eos": 1, "sol": 44, "eol": 45, "prior": 46, "posterior": 47}
+    rng = np.random.default_rng(0)
+    docs = [[rng.integers(2, 44, size=int(rng.integers(2, 6))).astype(np.int32) for _ in range(4)] for _ in range(6)]
+    chunks_path = str(tmp_path / "chunks.zarr")
+    write_chunk_store(chunks_path, docs, {"tokenizer": "test", "vocab_size": 48, "special_tokens": special})
+    chunks = ChunkStore.open(chunks_path)
+    settings = EStepSettings(samples=4, prefix_chunks=2, max_latent_tokens=12, seed=3)
+
+    def estep(engine, out):
+        store = open_or_create_store(out, chunks.num_chunks, settings, 4, {})
+        run_estep(engine, chunks, store, settings, progress=False)
+        return LatentStore.open(out, mode="r")
+
+    client = SGLangEngine(router_url, concurrency=8, backoff_s=0.1, max_backoff_s=1.0, retries=12)
+    result: dict = {}
+
+    def run():
+        try:
+            result["store"] = estep(client, str(tmp_path / "fleet.zarr"))
+        except Exception as exc:
+            result["err"] = exc
+
+    t = threading.Thread(target=run)
+    t.start()
+    time.sleep(1.0)
+    assert t.is_alive(), "the E-step finished before the kill; make it larger"
+    workers[1][1].send_signal(signal.SIGKILL)
+    t.join(timeout=240)
+    client.close()
+    assert not t.is_alive() and "err" not in result, result.get("err")
+    fleet_store = result["store"]
+    local_store = estep(LocalEngine(model_dir), str(tmp_path / "local.zarr"))
+    assert fleet_store.blocks_done() == set(range(fleet_store.num_blocks))
+    for i in range(chunks.num_chunks):
+        a, b = fleet_store.read_chunk(i), local_store.read_chunk(i)
+        assert [list(z) for z in a["latents"]] == [list(z) for z in b["latents"]]
+        for key in ("log_q", "log_p", "log_w"):
+            np.testing.assert_allclose(a[key], b[key], atol=1e-3, rtol=0)
+        assert a["chosen"] == b["chosen"]
