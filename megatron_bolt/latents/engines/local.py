@@ -83,12 +83,14 @@ class LocalEngine(Engine):
         for i, p in enumerate(prompts):
             if not p:
                 raise ValueError(f"prompt {i} is empty: the first continuation token has no context")
-        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]) + len(continuations[i]))
+        # Rows that share a prompt (the K latents of one chunk share `BOS C`) are grouped so the
+        # prompt is prefilled once and its KV cache fanned out to the group's continuations.
+        order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), tuple(prompts[i]), len(continuations[i])))
         scores = [0.0] * len(prompts)
         batch: list[int] = []
         for i in order:
             cand = batch + [i]
-            keep = max(len(continuations[j]) for j in cand) + 1
+            keep = max(len(continuations[j]) for j in cand)
             if batch and (len(cand) > self.max_batch_rows or len(cand) * keep * self.vocab_size > self.max_logit_elements):
                 self._score_batch(prompts, continuations, batch, scores)
                 batch = [i]
@@ -112,22 +114,46 @@ class LocalEngine(Engine):
 
     @torch.inference_mode()
     def _score_batch(self, prompts, continuations, idx: list[int], scores: list[float]) -> None:
-        rows = [list(prompts[i]) + list(continuations[i]) for i in idx]
-        ids, mask, pos = self._left_pad(rows)
-        width = ids.shape[1]
-        keep = max(len(continuations[i]) for i in idx) + 1
-        keep = min(keep, width)
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep).logits
-        logp = torch.log_softmax(logits.float(), dim=-1)  # kept index j = position width-keep+j
+        """Two passes: the distinct prompts (left-padded, last logits only), then every row's
+        continuation (right-padded) on top of its prompt's KV cache."""
+        from transformers import DynamicCache
+
+        idx = [i for i in idx if len(continuations[i])]
+        if not idx:
+            return
+        uniq: dict[tuple[int, ...], int] = {}
+        row_prompt = [uniq.setdefault(tuple(prompts[i]), len(uniq)) for i in idx]
+        p_ids, p_mask, p_pos = self._left_pad([list(p) for p in uniq])
+        cache = DynamicCache()
+        first = self.model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, past_key_values=cache,
+                           use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
+        fan = torch.tensor(row_prompt, dtype=torch.long, device=self.device)
+        cache.batch_select_indices(fan)
+        p_mask, first = p_mask[fan], first[fan]
+        c_len = max(len(continuations[i]) for i in idx)
+        c_ids = torch.full((len(idx), c_len), self.pad_id, dtype=torch.long)
+        c_mask = torch.zeros((len(idx), c_len), dtype=torch.long)
         for b, i in enumerate(idx):
-            c = len(continuations[i])
-            if c == 0:
-                scores[i] = 0.0
-                continue
-            # Token at position q (q in [width-c, width)) is predicted by the logits at q-1.
-            targets = ids[b, width - c :]
-            rows_lp = logp[b, keep - 1 - c : keep - 1]
-            scores[i] = float(rows_lp.gather(-1, targets[:, None]).sum())
+            c = continuations[i]
+            c_ids[b, : len(c)] = torch.tensor(c, dtype=torch.long)
+            c_mask[b, : len(c)] = 1
+        c_ids, c_mask = c_ids.to(self.device), c_mask.to(self.device)
+        plen = p_mask.sum(-1, keepdim=True)
+        c_pos = plen + torch.arange(c_len, device=self.device)[None, :]
+        mask = torch.cat([p_mask, c_mask], dim=1)
+        # Continuation token t is predicted by the prompt's last logits (t = 0) or by the
+        # continuation logits at t-1; the last continuation position predicts nothing we need.
+        if c_len > 1:
+            rest = self.model(input_ids=c_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=c_pos[:, :-1],
+                              past_key_values=cache, use_cache=True).logits.float()
+            logits = torch.cat([first[:, None, :], rest], dim=1)
+        else:
+            logits = first[:, None, :]
+        # log p(t) = logit_t - logsumexp(logits), without materialising a full log_softmax
+        picked = logits.gather(-1, c_ids[:, :, None])[:, :, 0] - torch.logsumexp(logits, dim=-1)
+        sums = (picked * c_mask).sum(-1).tolist()
+        for b, i in enumerate(idx):
+            scores[i] = float(sums[b])
 
     def generate_rows(
         self,
@@ -169,9 +195,18 @@ class LocalEngine(Engine):
         from transformers import DynamicCache
 
         B = len(prompts)
-        ids, mask, pos = self._left_pad(prompts)
-        width = ids.shape[1]
         want_input = [s for s in starts if s is not None]
+        # Identical prompts (the n samples of one chunk) are prefilled once and their KV cache
+        # fanned out, unless prompt log-probs are wanted (the serve path; rows differ there anyway).
+        prefill_rows, fan = prompts, None
+        if not want_input:
+            uniq: dict[tuple[int, ...], int] = {}
+            row_u = [uniq.setdefault(tuple(p), len(uniq)) for p in prompts]
+            if len(uniq) < B:
+                prefill_rows = [list(u) for u in uniq]
+                fan = torch.tensor(row_u, dtype=torch.long, device=self.device)
+        ids, mask, pos = self._left_pad(prefill_rows)
+        width = ids.shape[1]
         keep = 1
         if want_input:
             keep = max(len(p) - s for p, s in zip(prompts, starts) if s is not None)
@@ -198,6 +233,9 @@ class LocalEngine(Engine):
                 results[b].input_logprobs = lp.gather(-1, tgt[:, None])[:, 0].tolist()
         logits = out.logits[:, -1, :].float()
         del out
+        if fan is not None:
+            cache.batch_select_indices(fan)
+            logits, mask, pos = logits[fan], mask[fan], pos[fan]
         active = np.arange(B)
         seeds_np = np.array([s & ((1 << 64) - 1) for s in seeds], dtype=np.uint64)
         max_new_np = np.array(max_new, dtype=np.int64)
