@@ -22,6 +22,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sglang engine: one router URL, or several server URLs (round robin)")
     parser.add_argument("--concurrency", type=int, default=64, help="sglang engine: requests in flight")
     parser.add_argument("--device", default=None, help="local engine: torch device (default cuda if available)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="local engine: torch CPU threads (1 is fastest for small models on busy machines)")
     parser.add_argument("--prefix-chunks", type=int, default=3, help="previous chunks given as context (default 3)")
     parser.add_argument("--max-latent-tokens", type=int, default=1024, help="cap on a latent's length (default 1024)")
     parser.add_argument("--seed", type=int, default=0, help="run seed; same seed, same latents")
@@ -37,8 +39,12 @@ def make_engine(args: argparse.Namespace):
         from megatron_bolt.latents.engines.sglang import SGLangEngine
 
         return SGLangEngine(args.server, concurrency=args.concurrency)
+    import torch
+
     from megatron_bolt.latents.engines.local import LocalEngine
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     return LocalEngine(args.model, device=args.device)
 
 
@@ -51,12 +57,22 @@ def open_chunks(path: str):
         raise UserError(f"{path}: no chunk store there") from None
 
 
+def existing_block_size(path: str) -> int | None:
+    from megatron_bolt.latents.store import LatentStore
+
+    try:
+        return LatentStore.open(path, mode="r").block_size
+    except UserError:
+        return None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
     parser.add_argument("--out", required=True, help="latent store (zarr) to create or resume")
     parser.add_argument("--samples", type=int, required=True, help="K latents per chunk")
     parser.add_argument("--shard", default="0/1", help="i/N: this job fills blocks b with b %% N == i")
-    parser.add_argument("--block-size", type=int, default=256, help="chunks per block (unit of resume)")
+    parser.add_argument("--block-size", type=int, default=None,
+                        help="chunks per block, the unit of resume (default: the existing store's, else 256)")
     parser.add_argument("--max-blocks", type=int, default=None, help="stop after this many blocks (testing)")
 
 
@@ -69,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
     chunks = open_chunks(args.chunks)
     settings = EStepSettings(args.samples, args.prefix_chunks, args.max_latent_tokens, args.seed)
     meta = {"engine": args.engine, "model": os.path.abspath(args.model), "chunks": str(args.chunks)}
-    store = open_or_create_store(args.out, chunks.num_chunks, settings, args.block_size, meta)
+    block_size = args.block_size or existing_block_size(args.out) or 256
+    store = open_or_create_store(args.out, chunks.num_chunks, settings, block_size, meta)
     engine = make_engine(args)
     try:
         totals = run_estep(engine, chunks, store, settings, shard, block_meta={"engine": args.engine},
