@@ -149,8 +149,9 @@ class LocalEngine(Engine):
             logits = torch.cat([first[:, None, :], rest], dim=1)
         else:
             logits = first[:, None, :]
-        # log p(t) = logit_t - logsumexp(logits), without materialising a full log_softmax
-        picked = logits.gather(-1, c_ids[:, :, None])[:, :, 0] - torch.logsumexp(logits, dim=-1)
+        # one fused pass (measured faster on CPU than logit - logsumexp); memory is bounded by
+        # max_logit_elements through the batching in `score`
+        picked = torch.log_softmax(logits, dim=-1).gather(-1, c_ids[:, :, None])[:, :, 0]
         sums = (picked * c_mask).sum(-1).tolist()
         for b, i in enumerate(idx):
             scores[i] = float(sums[b])
