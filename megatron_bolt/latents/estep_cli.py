@@ -24,6 +24,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="local engine: torch device (default cuda if available)")
     parser.add_argument("--threads", type=int, default=None,
                         help="local engine: torch CPU threads (1 is fastest for small models on busy machines)")
+    parser.add_argument("--batch-rows", type=int, default=64,
+                        help="local engine: (chunk, sample) rows decoded together (raise on a GPU)")
     parser.add_argument("--prefix-chunks", type=int, default=3, help="previous chunks given as context (default 3)")
     parser.add_argument("--max-latent-tokens", type=int, default=1024, help="cap on a latent's length (default 1024)")
     parser.add_argument("--seed", type=int, default=0, help="run seed; same seed, same latents")
@@ -45,7 +47,7 @@ def make_engine(args: argparse.Namespace):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return LocalEngine(args.model, device=args.device)
+    return LocalEngine(args.model, device=args.device, max_batch_rows=args.batch_rows)
 
 
 def open_chunks(path: str):
