@@ -2,4 +2,6 @@ import sys
 
 from megatron_bolt.cli import main
 
-sys.exit(main())
+# Guarded: checkpoint writers start worker processes with "spawn", which re-imports __main__.
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Run unmodified Megatron-Core on CPU + gloo (CI, laptops). Active only without CUDA.
+
+Megatron-Core assumes CUDA in a handful of places: tensors allocated with `device="cuda"` or
+`device=torch.cuda.current_device()`, `.cuda()` calls, and a few `torch.cuda.*` queries. Rather than
+patching files in site-packages, a `TorchFunctionMode` rewrites CUDA devices to CPU on every torch
+call, and the few `torch.cuda` queries get CPU answers. On a GPU machine none of this is installed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_CPU = torch.device("cpu")
+_installed = False
+
+
+def _is_cuda(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    # Megatron passes torch.cuda.current_device() (an int) as a device.
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class CudaToCpuMode(TorchFunctionMode):
+    """Rewrites `device=` arguments and `.cuda()`/`.to("cuda")` calls to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in (torch.Tensor.cuda, torch.Tensor.pin_memory):
+            return args[0]
+        if func is torch.Tensor.record_stream:
+            return None
+        if func is torch.Tensor.type:
+            # Megatron asserts `t.type() == "torch.cuda.FloatTensor"`; answer with the CUDA name,
+            # and turn requests for a CUDA type into the CPU one.
+            if len(args) == 1 and "dtype" not in kwargs:
+                return func(*args).replace("torch.", "torch.cuda.", 1)
+            target = args[1] if len(args) > 1 else kwargs.pop("dtype")
+            if isinstance(target, str):
+                target = target.replace("torch.cuda.", "torch.")
+            return func(args[0], target, **{k: v for k, v in kwargs.items() if k != "dtype"})
+        dev = kwargs.get("device")
+        if dev is not None and _is_cuda(dev):
+            kwargs["device"] = _CPU
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
+            args = (args[0], _CPU, *args[2:])
+        return func(*args, **kwargs)
+
+
+class _NullStream:
+    """Stands in for torch.cuda.Stream: work on CPU is already ordered."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def record_event(self, *args, **kwargs):
+        return _NullEvent()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _NullEvent(_NullStream):
+    def record(self, *args, **kwargs):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, *args):
+        return 0.0
+
+
+def install() -> bool:
+    """Install the CPU compatibility layer once, if and only if CUDA is unavailable."""
+    global _installed
+    if _installed or torch.cuda.is_available():
+        return _installed
+    mode = CudaToCpuMode()
+    mode.__enter__()  # stays active for the life of the process
+    cuda = torch.cuda
+    cuda.current_device = lambda: 0
+    cuda.set_device = lambda *a, **k: None
+    cuda.device_count = lambda: 0
+    cuda.synchronize = lambda *a, **k: None
+    cuda.empty_cache = lambda: None
+    cuda.current_stream = lambda *a, **k: _NullStream()
+    cuda.default_stream = lambda *a, **k: _NullStream()
+    cuda.Stream = _NullStream
+    cuda.Event = _NullEvent
+    cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    cuda.memory_allocated = lambda *a, **k: 0
+    cuda.max_memory_allocated = lambda *a, **k: 0
+    cuda.memory_reserved = lambda *a, **k: 0
+    cuda.reset_peak_memory_stats = lambda *a, **k: None
+    cuda.get_device_capability = lambda *a, **k: (0, 0)
+    cuda.nvtx.range_push = lambda *a, **k: None
+    cuda.nvtx.range_pop = lambda *a, **k: None
+    _installed = True
+    return True

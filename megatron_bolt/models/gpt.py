@@ -1,0 +1,111 @@
+"""Llama-style GPT on Megatron-Core: RMSNorm, SwiGLU, RoPE, GQA, no biases.
+
+The local (pure Megatron-Core) layer spec runs everywhere, CPU included; the Transformer Engine
+spec is used on GPU when TE is importable, and is the only way to get FP8. Both specs give the
+same distributed-checkpoint keys, so a checkpoint moves freely between them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_bolt.config import ModelConfig, ParallelConfig
+from megatron_bolt.errors import UserError
+
+
+def transformer_engine_available() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None and torch.cuda.is_available()
+
+
+def use_transformer_engine(model: ModelConfig) -> bool:
+    if model.fp8 and not transformer_engine_available():
+        raise UserError(
+            f"model.fp8={model.fp8!r} needs Transformer Engine on a GPU, and it is not importable here "
+            "(use an NGC PyTorch image, or set model.fp8=null)"
+        )
+    if model.transformer_impl == "transformer_engine":
+        if not transformer_engine_available():
+            raise UserError("model.transformer_impl=transformer_engine, but Transformer Engine is not importable")
+        return True
+    return model.transformer_impl == "auto" and transformer_engine_available()
+
+
+def transformer_config(model: ModelConfig, parallel: ParallelConfig, bf16: bool = False) -> TransformerConfig:
+    """The Megatron-Core TransformerConfig of a Llama-architecture model."""
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    fp8 = {}
+    if model.fp8:
+        fp8 = {"fp8": model.fp8, "fp8_margin": 0, "fp8_amax_history_len": 1024, "fp8_amax_compute_algo": "max"}
+    return TransformerConfig(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.kv_heads,
+        ffn_hidden_size=model.ffn,
+        kv_channels=model.hidden_size // model.num_attention_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=model.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=model.init_std,
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        sequence_parallel=parallel.sequence_parallel and parallel.tp > 1,
+        bf16=bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        autocast_dtype=dtype,
+        # Parallelism-invariant initialisation is done by megatron_bolt.models.init after
+        # construction; skipping Megatron's own init saves a full pass over the weights.
+        perform_initialization=False,
+        use_cpu_initialization=not torch.cuda.is_available(),
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        gradient_accumulation_fusion=False,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        **fp8,
+    )
+
+
+def layer_spec(model: ModelConfig):
+    if use_transformer_engine(model):
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+        return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def build_gpt(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    pre_process: bool = True,
+    post_process: bool = True,
+    bf16: bool = False,
+    vp_stage: int | None = None,
+) -> GPTModel:
+    """One pipeline stage of the model (the whole model when pp == 1)."""
+    config = transformer_config(model, parallel, bf16)
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(model),
+        vocab_size=model.padded_vocab_size(parallel.tp),
+        max_sequence_length=model.seq_len,
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=model.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(model.rope_base),
+        parallel_output=True,
+        vp_stage=vp_stage,
+    )

@@ -1,0 +1,140 @@
+"""Process-group setup from torchrun or SLURM, device choice, Megatron-Core parallel state.
+
+torchrun sets RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT. Under `srun` (one task per GPU)
+the same facts come from SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID, and the master is the first host
+of SLURM_NODELIST, so sbatch scripts never hand-edit host names.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import re
+import socket
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_bolt.compat import cpu as cpu_compat
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM nodelist: 'gpu[003-005,9],cpu1' -> 'gpu003' (no scontrol needed)."""
+    first = re.split(r",(?![^\[]*\])", nodelist.strip())[0]
+    m = re.match(r"^([^\[]+)\[([^\]]+)\](.*)$", first)
+    if not m:
+        return first
+    prefix, ranges, suffix = m.groups()
+    start = ranges.split(",")[0].split("-")[0]
+    return f"{prefix}{start}{suffix}"
+
+
+def _slurm_port(job_id: str | None) -> int:
+    # Deterministic per job so every task agrees without talking; away from common ports.
+    return 20000 + (int(job_id) % 20000 if job_id and job_id.isdigit() else 9999)
+
+
+def detect_env(environ: dict[str, str] | None = None) -> DistEnv:
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return DistEnv(
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", 29500)),
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "")
+        return DistEnv(
+            rank=int(env["SLURM_PROCID"]),
+            world_size=int(env["SLURM_NTASKS"]),
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            master_addr=env.get("MASTER_ADDR") or (first_slurm_host(nodelist) if nodelist else "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT") or _slurm_port(env.get("SLURM_JOB_ID"))),
+        )
+    return DistEnv(0, 1, 0, "127.0.0.1", _free_port())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_min: int = 30) -> DistEnv:
+    """Start torch.distributed (NCCL on GPU, gloo on CPU) and Megatron-Core's TP/PP/DP groups."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import random as mp_random
+
+    env = detect_env()
+    use_cuda = torch.cuda.is_available()
+    if not use_cuda:
+        cpu_compat.install()
+    if not dist.is_initialized():
+        os.environ.setdefault("MASTER_ADDR", env.master_addr)
+        os.environ.setdefault("MASTER_PORT", str(env.master_port))
+        if use_cuda:
+            torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=datetime.timedelta(minutes=timeout_min),
+        )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            create_gloo_process_groups=not use_cuda,
+        )
+    set_seed(seed)
+    if use_cuda:
+        mp_random.model_parallel_cuda_manual_seed(seed)
+    else:
+        # No CUDA RNG on CPU; dropout is off in our models, so a null tracker is exact.
+        mp_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+    return env
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*args, **kwargs) -> None:
+    if is_main():
+        print(*args, **kwargs, flush=True)
