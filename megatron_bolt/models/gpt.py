@@ -65,9 +65,10 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, bf16: bool 
         params_dtype=dtype,
         pipeline_dtype=dtype,
         autocast_dtype=dtype,
-        # Parallelism-invariant initialisation is done by megatron_bolt.models.init after
-        # construction; skipping Megatron's own init saves a full pass over the weights.
-        perform_initialization=False,
+        # Megatron's own init also tags parameters with their TP partitioning (used by grad-norm
+        # clipping and the distributed optimizer); megatron_bolt.models.init then overwrites the
+        # values with the parallelism-invariant ones.
+        perform_initialization=True,
         use_cpu_initialization=not torch.cuda.is_available(),
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,

@@ -24,8 +24,8 @@ from megatron_bolt.errors import UserError
 
 LATEST = "latest_checkpointed_iteration.txt"
 RUN_CONFIG = "run_config.yaml"
-# Optimizer state stored in the model's (TP/PP-independent) space so it reshards on load.
-_OPT_METADATA = {"distrib_optim_sharding_type": "fully_sharded_model_space"}
+# Distributed-optimizer state in the canonical per-parameter layout, so it reshards on load.
+_OPT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 def step_dir(ckpt_dir: str | Path, step: int) -> Path:

@@ -14,6 +14,7 @@ import sys
 import warnings
 
 from megatron_bolt.config import load_config, validate
+from megatron_bolt.training.data import parse_blend
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,6 +47,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     nproc = args.nproc_per_node or 1
     validate(cfg, nproc)  # fail here, in one line, rather than in N ranks' tracebacks
+    parse_blend(cfg.data.prefixes)
     if nproc == 1:
         from megatron_bolt.runtime import _free_port
 
