@@ -68,7 +68,8 @@ class BoltTokenizer:
         raise NotImplementedError
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-        """Token ids of each text (int32 arrays), single-threaded, with no BOS/EOS."""
+        """Token ids of each text (int32 arrays), with no BOS/EOS. Threads: TOKENIZERS_PARALLELISM /
+        RAYON_NUM_THREADS for the HF backend, `num_threads` for SentencePiece (1 by default)."""
         raise NotImplementedError
 
     def encode_batch_with_ends(self, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -188,6 +189,7 @@ class HFTokenizer(BoltTokenizer):
 
 class SentencePieceTokenizer(BoltTokenizer):
     backend = "sentencepiece"
+    num_threads = 1  # threads of a batch encode; preprocessing parallelises with processes instead
 
     def __init__(self, model_file: Path, add_latent_tokens: bool, name: str, extra_tokens: Sequence[str] = ()):
         import sentencepiece as spm
@@ -224,7 +226,7 @@ class SentencePieceTokenizer(BoltTokenizer):
         return self._sp.encode(text)
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-        return [np.asarray(ids, dtype=np.int32) for ids in self._sp.encode(list(texts), num_threads=1)]
+        return [np.asarray(ids, dtype=np.int32) for ids in self._sp.encode(list(texts), num_threads=self.num_threads)]
 
     def encode_batch_with_ends(self, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray]]:
         out = []

@@ -67,6 +67,7 @@ class PreprocessConfig:
     batch_docs: int = 256
     add_latent_tokens: bool = True
     progress: bool = True
+    tokenizer_threads: int = 1
 
 
 @dataclass
@@ -173,11 +174,14 @@ _W: dict = {}
 
 
 def _init_worker(tokenizer_model: str, kind: str, add_latent: bool, keys: Sequence[str], append_eod: bool,
-                 chunk: bool, max_doc_chars: int) -> None:
+                 chunk: bool, max_doc_chars: int, threads: int) -> None:
     from megatron_bolt.tokenizer import load_tokenizer
 
+    tokenizer = load_tokenizer(tokenizer_model, add_latent_tokens=add_latent, kind=kind)
+    if hasattr(tokenizer, "num_threads"):
+        tokenizer.num_threads = threads
     _W.update(
-        tokenizer=load_tokenizer(tokenizer_model, add_latent_tokens=add_latent, kind=kind),
+        tokenizer=tokenizer,
         keys=list(keys), append_eod=append_eod, chunk=chunk, max_doc_chars=max_doc_chars,
     )
 
@@ -328,16 +332,31 @@ def _results(cfg: PreprocessConfig, files: list[str], init_args: tuple) -> Itera
 
 def preprocess(cfg: PreprocessConfig) -> PreprocessResult:
     """Run the whole conversion; see the module docstring."""
-    # Each worker tokenizes on one thread: `workers` is then the number of cores used.
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # By default each worker tokenizes on one thread, so `workers` is the number of cores used;
+    # `tokenizer_threads` > 1 lets the HF tokenizer (rayon) / sentencepiece use more per worker.
+    saved = {k: os.environ.get(k) for k in ("TOKENIZERS_PARALLELISM", "RAYON_NUM_THREADS")}
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if cfg.tokenizer_threads > 1 else "false"
+    if cfg.tokenizer_threads > 1:
+        os.environ["RAYON_NUM_THREADS"] = str(cfg.tokenizer_threads)
+    try:
+        return _preprocess(cfg)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _preprocess(cfg: PreprocessConfig) -> PreprocessResult:
     from megatron_bolt.tokenizer import load_tokenizer
 
     if cfg.tokenizer_type not in TOKENIZER_TYPES:
         raise UserError(f"--tokenizer-type {cfg.tokenizer_type}: choose one of {', '.join(TOKENIZER_TYPES)}")
     if cfg.chunk_store and len(cfg.json_keys) != 1:
         raise UserError("--chunk-store takes a single --json-keys key")
-    if cfg.workers < 1 or cfg.batch_docs < 1:
-        raise UserError("--workers and the batch size must be at least 1")
+    if cfg.workers < 1 or cfg.batch_docs < 1 or cfg.tokenizer_threads < 1:
+        raise UserError("--workers, --batch-docs and --tokenizer-threads must be at least 1")
     kind = TOKENIZER_TYPES[cfg.tokenizer_type]
     files = expand_inputs(cfg.inputs)
     tokenizer = load_tokenizer(cfg.tokenizer_model, add_latent_tokens=cfg.add_latent_tokens, kind=kind)
@@ -354,7 +373,7 @@ def preprocess(cfg: PreprocessConfig) -> PreprocessResult:
     result = PreprocessResult(dtype=np.dtype(dtype).name)
     progress = _Progress(cfg.progress, cfg.log_interval)
     init_args = (cfg.tokenizer_model, kind, cfg.add_latent_tokens, list(cfg.json_keys), cfg.append_eod,
-                 bool(cfg.chunk_store), cfg.max_doc_chars)
+                 bool(cfg.chunk_store), cfg.max_doc_chars, cfg.tokenizer_threads)
     try:
         if cfg.chunk_store:
             from megatron_bolt.data.chunk_store import ChunkStoreWriter

@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="also write the BoLT chunk store (local path or fsspec URL); chunks carry no EOD")
     g = parser.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1, help="worker processes (= CPU cores used for tokenizing)")
+    g.add_argument("--tokenizer-threads", type=int, default=1,
+                   help="tokenizer threads per worker (HF: rayon, SentencePiece: num_threads); 1 keeps "
+                        "cores used = --workers")
     g.add_argument("--batch-docs", type=int, default=256, help="documents per batch sent to a worker")
     g.add_argument("--log-interval", type=int, default=1000,
                    help="documents between progress lines when stderr is not a terminal")
@@ -61,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
         batch_docs=args.batch_docs,
         add_latent_tokens=not args.no_latent_tokens,
         progress=not args.no_progress,
+        tokenizer_threads=args.tokenizer_threads,
     )
     result = preprocess(cfg)
     print(f"preprocess: {result.summary()}; dtype {result.dtype}", file=sys.stderr)
