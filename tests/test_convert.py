@@ -1,0 +1,243 @@
+"""HF <-> Megatron conversion: bit-identical round trips, `bolt score` against transformers at TP=1
+and TP=2, latent tokens, and the TinyLlama-1.1B shape dry check on meta tensors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from megatron_bolt.convert import llama
+from megatron_bolt.convert.hf_to_mcore import convert_hf_to_mcore
+from megatron_bolt.convert.mcore_to_hf import convert_mcore_to_hf
+from megatron_bolt.errors import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+# (name, config overrides): GQA and MHA, tied and untied, odd vocabularies, bf16 storage.
+CASES = {
+    "gqa_untied_odd_vocab": dict(vocab_size=301, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False),
+    "mha_tied_odd_vocab": dict(vocab_size=257, num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True),
+    "gqa1_tied_bf16": dict(
+        vocab_size=131, num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True, dtype="bfloat16"
+    ),
+}
+
+
+def make_hf_model(path: Path, **overrides) -> Path:
+    """A randomly initialised tiny LlamaForCausalLM saved with save_pretrained (plus a tokenizer)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    dtype = overrides.pop("dtype", "float32")
+    kwargs = dict(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, max_position_embeddings=64,
+        rope_theta=5000.0, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+    )
+    kwargs.update(overrides)
+    torch.manual_seed(sum(map(ord, path.name)))
+    model = LlamaForCausalLM(LlamaConfig(**kwargs))
+    with torch.no_grad():  # norms away from 1 so a swapped norm would show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    model.to(getattr(torch, dtype)).save_pretrained(path)
+    _write_tokenizer(path, kwargs["vocab_size"])
+    return path
+
+
+def _write_tokenizer(path: Path, vocab_size: int) -> None:
+    """A word-level tokenizer over `vocab_size - 8` words (so latent tokens get fresh ids)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(vocab_size - 11)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+
+
+def _hf_tensors(path: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for f in sorted(path.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_round_trip_is_bit_identical(tmp_path, case):
+    hf = make_hf_model(tmp_path / case, **CASES[case])
+    convert_hf_to_mcore(hf, tmp_path / "ckpt", log=lambda *a: None)
+    run_cfg = (tmp_path / "ckpt" / "run_config.yaml").read_text()
+    assert "vocab_size: " + str(CASES[case]["vocab_size"]) in run_cfg
+    assert (tmp_path / "ckpt" / "tokenizer" / "tokenizer.json").is_file()
+    convert_mcore_to_hf(tmp_path / "ckpt", tmp_path / "back", log=lambda *a: None)
+
+    before, after = _hf_tensors(hf), _hf_tensors(tmp_path / "back")
+    assert sorted(before) == sorted(after)
+    for name, t in before.items():
+        assert after[name].dtype == t.dtype, name
+        assert after[name].shape == t.shape, name  # vocabulary padding does not leak
+        assert torch.equal(after[name], t), name
+    assert (tmp_path / "back" / "tokenizer.json").read_bytes() == (hf / "tokenizer.json").read_bytes()
+    cfg_in = json.loads((hf / "config.json").read_text())
+    cfg_out = json.loads((tmp_path / "back" / "config.json").read_text())
+    for key in ("vocab_size", "hidden_size", "num_key_value_heads", "tie_word_embeddings", "rms_norm_eps",
+                "bos_token_id", "eos_token_id", "rope_parameters", "max_position_embeddings"):
+        assert cfg_out[key] == cfg_in[key], key
+
+
+def test_export_loads_in_transformers_without_key_warnings(tmp_path):
+    from transformers import LlamaForCausalLM
+
+    hf = make_hf_model(tmp_path / "m", **CASES["gqa_untied_odd_vocab"])
+    convert_hf_to_mcore(hf, tmp_path / "ckpt", log=lambda *a: None)
+    # Tiny shards: exercise the sharded save_pretrained layout (index json).
+    convert_mcore_to_hf(tmp_path / "ckpt", tmp_path / "back", max_shard_bytes=40_000, log=lambda *a: None)
+    assert (tmp_path / "back" / "model.safetensors.index.json").is_file()
+    model, info = LlamaForCausalLM.from_pretrained(tmp_path / "back", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    ref = LlamaForCausalLM.from_pretrained(hf)
+    ids = torch.tensor([[1, 5, 9, 200, 3, 17]])
+    assert torch.equal(model(ids).logits, ref(ids).logits)
+
+
+def test_qkv_grouping_inverts_and_matches_megatron_layout():
+    cfg = llama.model_config_from_hf(
+        dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=10)
+    )
+    d = 8
+    # Row r of head j carries the value 100*j + r, so positions in the fused tensor are checkable.
+    q = torch.tensor([[100.0 * j + r] for j in range(4) for r in range(d)]).expand(-1, 32)
+    k = torch.tensor([[1000.0 + 100 * j + r] for j in range(2) for r in range(d)]).expand(-1, 32)
+    v = -k
+    qkv = llama.fuse_qkv(q, k, v, cfg)
+    # Group 0: q heads 0, 1, then k head 0, then v head 0; group 1 likewise with heads 2, 3 / 1.
+    expected_heads = [0, 100, 1000, -1000, 200, 300, 1100, -1100]
+    assert [qkv[i * d, 0].item() for i in range(8)] == expected_heads
+    q2, k2, v2 = llama.split_qkv(qkv, cfg)
+    assert torch.equal(q2, q) and torch.equal(k2, k) and torch.equal(v2, v)
+
+
+def test_add_latent_tokens_extends_vocab_and_tokenizer(tmp_path):
+    from megatron_bolt.tokenizer import LATENT_TOKENS, load_tokenizer
+
+    hf = make_hf_model(tmp_path / "m", **CASES["gqa_untied_odd_vocab"])
+    convert_hf_to_mcore(hf, tmp_path / "ckpt", add_latent_tokens=True, seed=7, log=lambda *a: None)
+    tok = load_tokenizer(str(tmp_path / "ckpt" / "tokenizer"), add_latent_tokens=False)
+    ids = [tok.token_to_id(t) for t in LATENT_TOKENS]
+    assert None not in ids and len(set(ids)) == 4
+    convert_mcore_to_hf(tmp_path / "ckpt", tmp_path / "back", log=lambda *a: None)
+    before, after = _hf_tensors(hf), _hf_tensors(tmp_path / "back")
+    cfg = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert cfg["vocab_size"] == max(301, max(ids) + 1)
+    d = cfg["hidden_size"]
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        old = before[name]
+        new = after[name]
+        assert new.shape == (cfg["vocab_size"], d)
+        keep = [i for i in range(old.shape[0]) if i not in ids]
+        assert torch.equal(new[keep], old[keep]), name
+        rows = new[ids]
+        assert rows.abs().max() <= 3 * d**-0.5 + 1e-6
+        assert 0.5 * d**-0.5 < rows.std() < 1.5 * d**-0.5
+    assert not torch.equal(after["model.embed_tokens.weight"][ids], after["lm_head.weight"][ids])
+    hf_tok = load_tokenizer(str(tmp_path / "back"), add_latent_tokens=False)
+    assert [hf_tok.token_to_id(t) for t in LATENT_TOKENS] == ids
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path):
+    hf = make_hf_model(tmp_path / "m", **CASES["mha_tied_odd_vocab"])
+    with pytest.raises(UserError, match="parallel.tp \\(3\\) must divide"):
+        convert_hf_to_mcore(hf, tmp_path / "c1", tp=3, log=lambda *a: None)
+    assert not (tmp_path / "c1").exists()
+    cfg = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**cfg, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}))
+    with pytest.raises(UserError, match="RoPE scaling"):
+        convert_hf_to_mcore(hf, tmp_path / "c2", log=lambda *a: None)
+    with pytest.raises(UserError, match="no config.json"):
+        convert_hf_to_mcore(tmp_path, tmp_path / "c3", log=lambda *a: None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_bolt", "convert", "mcore-to-hf", "--ckpt", str(tmp_path), "--out",
+         str(tmp_path / "x")],
+        capture_output=True, text=True, cwd=REPO, timeout=120,
+    )
+    assert proc.returncode == 2 and "not a megatron-bolt checkpoint" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_tinyllama_shapes_dry_check_on_meta():
+    """TinyLlama-1.1B v1.1's config.json through the mapping and into a real Megatron-Core model
+    built on the meta device: every parameter filled with the right shape, no memory used."""
+    from megatron_bolt.convert.megatron_side import build_tp1, single_rank
+
+    tinyllama = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "silu",
+        "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22, "num_attention_heads": 32,
+        "num_key_value_heads": 4, "vocab_size": 32000, "max_position_embeddings": 2048, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+    }
+    cfg = llama.model_config_from_hf(tinyllama)
+    shapes = llama.hf_shapes(cfg)
+    assert sum(torch.Size(s).numel() for s in shapes.values()) == 1_100_048_384  # TinyLlama's 1.1B
+    with single_rank():
+        model = build_tp1(cfg, padding_tp=1, bf16=True, meta=True)
+        params = {n: p for n, p in model.named_parameters()}
+        assert all(p.is_meta for p in params.values())
+        got = dict(llama.mcore_from_hf(cfg, cfg.padded_vocab_size(1), lambda n: torch.empty(shapes[n], device="meta")))
+        assert sorted(got) == sorted(params)
+        for name, t in got.items():
+            assert t.shape == params[name].shape, name
+        back = dict(llama.hf_from_mcore(cfg, got.__getitem__))
+        assert {n: tuple(t.shape) for n, t in back.items()} == shapes
+        # The real model converts for training at TP 1, 2, 4 and PP 1, 2, 11, 22.
+        from megatron_bolt.config import ParallelConfig, RunConfig, validate
+
+        for tp in (1, 2, 4):
+            for pp in (1, 2, 11, 22):
+                validate(RunConfig(model=cfg, parallel=ParallelConfig(tp=tp, pp=pp)))
+
+
+# ------------------------------------------------------------------------------------------------
+# `bolt score` on the converted checkpoint vs transformers' summed log-probs
+# ------------------------------------------------------------------------------------------------
+
+
+def _hf_summed_logprobs(hf: Path, seqs: list[list[int]]) -> list[float]:
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for s in seqs:
+            ids = torch.tensor([s])
+            logp = torch.log_softmax(model(ids).logits.float(), dim=-1)[0, :-1]
+            out.append(logp.gather(-1, ids[0, 1:, None]).sum().item())
+    return out
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_bolt_score_matches_transformers(tmp_path, tp):
+    hf = make_hf_model(tmp_path / f"score_tp{tp}", **CASES["gqa_untied_odd_vocab" if tp == 1 else "mha_tied_odd_vocab"])
+    convert_hf_to_mcore(hf, tmp_path / "ckpt", tp=tp, log=lambda *a: None)
+    gen = torch.Generator().manual_seed(tp)
+    vocab = json.loads((hf / "config.json").read_text())["vocab_size"]
+    seqs = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (2, 7, 33, 64)]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps({"tokens": s}) + "\n" for s in seqs))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "megatron_bolt", "score", "--ckpt", str(tmp_path / "ckpt"), "--input",
+         str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"), "--nproc-per-node", str(tp)],
+        capture_output=True, text=True, cwd=REPO, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    want = _hf_summed_logprobs(hf, seqs)
+    assert [g["num_tokens"] for g in got] == [len(s) - 1 for s in seqs]
+    for g, w in zip(got, want):
+        assert g["logprob"] == pytest.approx(w, rel=1e-4)
