@@ -26,6 +26,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "estep": ("megatron_bolt.latents.estep_cli", "E-step: sample K latents per chunk, importance-weight, resample, write a latent store"),
     "iwae": ("megatron_bolt.latents.iwae_cli", "IWAE bound logsumexp(log w_1..n) - log n on validation chunks"),
     "serve": ("megatron_bolt.latents.serve_cli", "serve an HF export over SGLang's native /generate API (CPU fleet / tests)"),
+    "convert hf-to-mcore": ("megatron_bolt.convert.cli", "HF LlamaForCausalLM directory -> Megatron-Core distributed checkpoint"),
+    "convert mcore-to-hf": ("megatron_bolt.convert.cli", "Megatron-Core checkpoint -> HF LlamaForCausalLM directory (safetensors)"),
 }
 
 
