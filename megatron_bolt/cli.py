@@ -18,6 +18,7 @@ from megatron_bolt.errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("megatron_bolt.training.cli", "train a model with Megatron-Core (torchrun / srun / local launch)"),
     "score": ("megatron_bolt.training.score_cli", "summed log-probabilities of token sequences under a Megatron checkpoint"),
+    "generate": ("megatron_bolt.generate_cli", "KV-cached continuation of token prompts under a gpt or ponder checkpoint"),
     "merge": ("megatron_bolt.data.merge_cli", "merge chosen latents into a Megatron .bin/.idx (prior/posterior forms)"),
     "latents status": ("megatron_bolt.latents.store_cli", "how many blocks of a latent store are done"),
     "demo": ("megatron_bolt.demo", "run the embedded default end to end on this machine"),

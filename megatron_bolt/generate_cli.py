@@ -1,0 +1,106 @@
+"""`bolt generate --ckpt DIR --input PROMPTS.jsonl --output OUT.jsonl [--max-new-tokens N] [--nproc-per-node N]`.
+
+Continues token prompts (`{"tokens": [...]}` per line) under a megatron-bolt checkpoint of either
+model type with KV-cached decoding: one position per token for `gpt`, K+1 positions per token for
+`ponder` (after a Jacobi prefill of the prompt). Output lines: `{"prompt": [...], "generated": [...]}`.
+Greedy by default; `--temperature T --seed S` samples (the same draws on every TP rank).
+With N > 1 (or under torchrun) the model runs tensor-parallel over N ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from megatron_bolt.errors import UserError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, help="a megatron-bolt checkpoint directory (gpt or ponder)")
+    p.add_argument("--input", required=True, help='JSONL, one {"tokens": [...]} prompt per line')
+    p.add_argument("--output", required=True, help='JSONL of {"prompt": [...], "generated": [...]}')
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (per prompt: seed + line index)")
+    p.add_argument("--eos-id", type=int, default=None, help="stop a prompt's continuation at this token")
+    p.add_argument("--jacobi-iters", type=int, default=None,
+                   help="ponder prefill Jacobi iterations (default: model.eval_jacobi_iters; K*prompt length is exact)")
+    p.add_argument("--nproc-per-node", type=int, default=1, help="tensor-parallel ranks to launch locally")
+
+
+def read_prompts(path: str) -> list[list[int]]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                tokens = json.loads(line)["tokens"]
+            except (ValueError, KeyError, TypeError):
+                raise UserError(f"{path}:{lineno}: expected a JSON object with a 'tokens' list") from None
+            if not isinstance(tokens, list) or not tokens or not all(
+                isinstance(t, int) and not isinstance(t, bool) for t in tokens
+            ):
+                raise UserError(f"{path}:{lineno}: field 'tokens' must be a non-empty list of integers")
+            out.append(tokens)
+    return out
+
+
+def generate_file(args: argparse.Namespace) -> int:
+    """Collective: every rank runs the same prompts; rank 0 writes the output. Returns #prompts."""
+    from tqdm import tqdm
+
+    from megatron_bolt import runtime
+    from megatron_bolt.models.ponder_generate import generate
+    from megatron_bolt.training.score import load_for_inference
+
+    prompts = read_prompts(args.input)
+    model, cfg = load_for_inference(args.ckpt)
+    V = cfg.model.vocab_size
+    for lineno, p in enumerate(prompts, 1):
+        if not all(0 <= t < V for t in p):
+            raise UserError(f"{args.input}: prompt {lineno} has a token id outside the vocabulary [0, {V})")
+    results = []
+    for i, prompt in enumerate(tqdm(prompts, desc="generate", disable=not runtime.is_main(), file=sys.stderr)):
+        new = generate(model, prompt, args.max_new_tokens, V, args.temperature, args.seed + i, args.eos_id,
+                       args.jacobi_iters)
+        results.append({"prompt": prompt, "generated": new})
+    if runtime.is_main():
+        out = Path(args.output)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in results))
+        tmp.replace(out)
+    return len(results)
+
+
+def run(args: argparse.Namespace) -> int:
+    from megatron_bolt.training.cli import quiet_warnings
+
+    if args.max_new_tokens < 1:
+        raise UserError("--max-new-tokens must be >= 1")
+    if "RANK" not in os.environ and args.nproc_per_node > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc_per_node}",
+               "-m", "megatron_bolt", "generate", "--ckpt", args.ckpt, "--input", args.input, "--output", args.output,
+               "--max-new-tokens", str(args.max_new_tokens), "--temperature", str(args.temperature),
+               "--seed", str(args.seed)]
+        if args.eos_id is not None:
+            cmd += ["--eos-id", str(args.eos_id)]
+        if args.jacobi_iters is not None:
+            cmd += ["--jacobi-iters", str(args.jacobi_iters)]
+        return subprocess.call(cmd)
+    if "RANK" not in os.environ:
+        from megatron_bolt.runtime import _free_port
+
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"})
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    quiet_warnings()
+    from megatron_bolt import runtime
+
+    n = generate_file(args)
+    runtime.print0(f"generated continuations of {n} prompts -> {args.output}")
+    runtime.shutdown()
+    return 0
