@@ -172,12 +172,12 @@ class LatentStore:
         if chosen.shape != (n,) or (n and (chosen.min() < 0 or chosen.max() >= k)):
             raise ValueError(f"block {b}: chosen must be {n} indices in [0, {k})")
 
-        lengths = np.fromiter((len(z) for per_chunk in latents for z in per_chunk), dtype=np.int64, count=n * k)
+        # One array per latent, then one concatenate: fast for lists and numpy arrays alike.
+        arrays = [np.asarray(z, dtype=np.int64).reshape(-1) for per_chunk in latents for z in per_chunk]
+        lengths = np.fromiter((len(a) for a in arrays), dtype=np.int64, count=n * k)
         offsets = np.zeros(n * k + 1, dtype=np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        tokens = np.fromiter(
-            (t for per_chunk in latents for z in per_chunk for t in z), dtype=np.int32, count=int(offsets[-1])
-        )
+        tokens = np.concatenate(arrays).astype(np.int32) if arrays else np.zeros(0, np.int32)
         pick = np.arange(n) * k + chosen
         chosen_lengths = lengths[pick]
         chosen_offsets = np.zeros(n + 1, dtype=np.int64)
