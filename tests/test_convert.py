@@ -229,7 +229,8 @@ def test_bolt_score_matches_transformers(tmp_path, tp):
     vocab = json.loads((hf / "config.json").read_text())["vocab_size"]
     seqs = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (2, 7, 33, 64)]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"tokens": s}) + "\n" for s in seqs))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run(
         [sys.executable, "-m", "megatron_bolt", "score", "--ckpt", str(tmp_path / "ckpt"), "--input",
          str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"), "--nproc-per-node", str(tp)],

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 from collections.abc import Iterator
 
 import torch
@@ -29,11 +30,19 @@ def single_rank() -> Iterator[None]:
             raise UserError("checkpoint conversion runs in a single process; do not launch it with torchrun")
         yield
         return
+    saved_env = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
     runtime.init_distributed(tp=1, pp=1)
     try:
         yield
     finally:
         runtime.shutdown()
+        # init_distributed exports a free port; a later process group (or a child process that
+        # inherits the environment) must not reuse it.
+        for key, value in saved_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def build_cfg(model: ModelConfig, padding_tp: int) -> ModelConfig:
