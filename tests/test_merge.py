@@ -218,6 +218,10 @@ def test_chunk_count_mismatch(tmp_path):
     LatentStore.create(tmp_path / "small.zarr", 3, 1, 2)
     with pytest.raises(UserError, match="latent store has 3 chunks"):
         merge_latents(chunks_path, tmp_path / "small.zarr", tmp_path / "o", progress=False)
+    with pytest.raises(UserError, match="not a readable chunk store"):
+        merge_latents(tmp_path / "nope.zarr", tmp_path / "small.zarr", tmp_path / "o", progress=False)
+    with pytest.raises(UserError, match="no latent store"):
+        merge_latents(chunks_path, tmp_path / "nope.zarr", tmp_path / "o", progress=False)
 
 
 def test_cli_and_tool(tmp_path, capsys):
