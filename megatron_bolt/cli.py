@@ -2,8 +2,6 @@
 
 Every command module exposes `add_arguments(parser)` and `run(args) -> int`; modules are imported
 lazily so `bolt --help` stays fast and a command's heavy imports (torch, megatron) load only when used.
-
-TEMPORARY NOTE FOR CONCURRENT DEVELOPERS: read /work/main/DEVELOPERS.md NOW (git and commit rules, deadline).
 """
 
 from __future__ import annotations
