@@ -149,14 +149,16 @@ def test_chunk_store_and_workers_give_identical_output(tmp_path, toks, tokenizer
     texts = make_texts(120, seed=5)
     data = write_jsonl(tmp_path / "in.jsonl", texts)
     outs = {}
-    for workers in (1, 2):
-        prefix = str(tmp_path / f"w{workers}")
+    for workers, threads in ((1, 1), (2, 1), (1, 2)):
+        prefix = str(tmp_path / f"w{workers}t{threads}")
         preprocess(PreprocessConfig([data], prefix, toks[tokenizer_type], tokenizer_type=tokenizer_type,
-                                    append_eod=True, workers=workers, batch_docs=16,
-                                    chunk_store=prefix + ".zarr", progress=False))
+                                    append_eod=True, workers=workers, batch_docs=16, tokenizer_threads=threads,
+                                    chunk_store=prefix + ".zarr" if threads == 1 else None, progress=False))
         with open(prefix + "_text_document.bin", "rb") as f1, open(prefix + "_text_document.idx", "rb") as f2:
-            outs[workers] = (f1.read(), f2.read())
-    assert outs[1] == outs[2]
+            outs[workers, threads] = (f1.read(), f2.read())
+    assert outs[1, 1] == outs[2, 1] == outs[1, 2]
+    for a, b in (("w1t1", "w1"), ("w2t1", "w2")):
+        os.rename(tmp_path / f"{a}.zarr", tmp_path / f"{b}.zarr")
     tok = load_tokenizer(toks[tokenizer_type])
     s1, s2 = ChunkStore.open(str(tmp_path / "w1.zarr")), ChunkStore.open(str(tmp_path / "w2.zarr"))
     assert s1.num_docs == len(texts) and s1.num_chunks > 2 * len(texts)
