@@ -96,6 +96,10 @@ class SafetensorsReader:
         self.used.add(name)
         return self._handles[self.location[name]].get_tensor(name)
 
+    def close(self) -> None:
+        """Drop the memory maps (their pages count towards the process's resident memory)."""
+        self._handles.clear()
+
     def unused(self) -> list[str]:
         return sorted(k for k in self.location if k not in self.used and not k.endswith(llama.IGNORED_HF_SUFFIXES))
 
@@ -177,6 +181,7 @@ def convert_hf_to_mcore(
                 unused = [n for n in unused if n != "lm_head.weight"]  # some tied models store it anyway
             if unused:
                 raise UserError(f"{hf_dir}: {len(unused)} unexpected tensors, e.g. {', '.join(unused[:3])}")
+            reader.close()
             save_checkpoint(tmp, 0, [model], cfg=run)
             del model, params
         if out.exists():
