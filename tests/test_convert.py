@@ -242,3 +242,21 @@ def test_bolt_score_matches_transformers(tmp_path, tp):
     assert [g["num_tokens"] for g in got] == [len(s) - 1 for s in seqs]
     for g, w in zip(got, want):
         assert g["logprob"] == pytest.approx(w, rel=1e-4)
+
+
+def test_wrapper_script_help_names_both_directions():
+    for sub, flag in (("hf-to-mcore", "--add-latent-tokens"), ("mcore-to-hf", "--max-shard-gb")):
+        proc = subprocess.run(
+            [sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), sub, "--help"],
+            capture_output=True, text=True, cwd=REPO, timeout=60,
+        )
+        assert proc.returncode == 0 and flag in proc.stdout, proc.stderr
+
+
+def test_refuses_non_empty_output(tmp_path):
+    hf = make_hf_model(tmp_path / "m", **CASES["mha_tied_odd_vocab"])
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(UserError, match="not empty"):
+        convert_hf_to_mcore(hf, tmp_path / "out", log=lambda *a: None)
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
