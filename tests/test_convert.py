@@ -260,3 +260,51 @@ def test_refuses_non_empty_output(tmp_path):
     with pytest.raises(UserError, match="not empty"):
         convert_hf_to_mcore(hf, tmp_path / "out", log=lambda *a: None)
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+_PP_CHECK = '''
+import sys
+import torch
+from megatron_bolt import runtime
+from megatron_bolt.config import ParallelConfig
+from megatron_bolt.convert import llama
+from megatron_bolt.convert.hf_to_mcore import SafetensorsReader
+from megatron_bolt.models.gpt import build_gpt
+from megatron_bolt.models.init import global_name
+from megatron_bolt.training.checkpoint import load_checkpoint, read_run_config
+
+ckpt, hf = sys.argv[1], sys.argv[2]
+cfg = read_run_config(ckpt).model
+cfg.transformer_impl = "local"
+env = runtime.init_distributed(tp=1, pp=2)
+stage = env.rank
+model = build_gpt(cfg, ParallelConfig(tp=1, pp=2), pre_process=stage == 0, post_process=stage == 1)
+load_checkpoint(ckpt, [model])
+reader = SafetensorsReader(hf)
+want = dict(llama.mcore_from_hf(cfg, cfg.padded_vocab_size(1), reader.get))
+offset = stage * cfg.num_layers // 2
+names = []
+for local, p in model.named_parameters():
+    name = global_name(local, offset, cfg.tie_embeddings)
+    assert torch.equal(p.detach(), want[name]), (stage, local, name)
+    names.append(name)
+print(f"stage {stage} ok: {len(names)} tensors", flush=True)
+runtime.shutdown()
+'''
+
+
+def test_converted_checkpoint_loads_at_pp2(tmp_path):
+    """The step-0 checkpoint reshards on load: two pipeline stages each get exactly their layers."""
+    hf = make_hf_model(tmp_path / "pp", **CASES["gqa_untied_odd_vocab"])
+    convert_hf_to_mcore(hf, tmp_path / "ckpt", pp=2, log=lambda *a: None)
+    script = tmp_path / "pp_check.py"
+    script.write_text(_PP_CHECK)
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
+         str(tmp_path / "ckpt"), str(hf)],
+        capture_output=True, text=True, cwd=REPO, timeout=300, env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "stage 0 ok" in proc.stdout and "stage 1 ok" in proc.stdout
