@@ -14,7 +14,6 @@ import sys
 import warnings
 
 from megatron_bolt.config import load_config, validate
-from megatron_bolt.training.data import parse_blend
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     nproc = args.nproc_per_node or 1
     validate(cfg, nproc)  # fail here, in one line, rather than in N ranks' tracebacks
+    from megatron_bolt.training.data import parse_blend  # imports megatron: only once the config is valid
+
     parse_blend(cfg.data.prefixes)
     if nproc == 1:
         from megatron_bolt.runtime import _free_port
