@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("megatron_bolt.generate_cli", "KV-cached continuation of token prompts under a gpt or ponder checkpoint"),
     "merge": ("megatron_bolt.data.merge_cli", "merge chosen latents into a Megatron .bin/.idx (prior/posterior forms)"),
     "latents status": ("megatron_bolt.latents.store_cli", "how many blocks of a latent store are done"),
+    "em": ("megatron_bolt.em_cli", "the BoLT EM loop: warm start, then E-step / merge / train / evaluate per iteration"),
     "demo": ("megatron_bolt.demo", "run the embedded default end to end on this machine"),
     "preprocess": ("megatron_bolt.data.preprocess_cli", "tokenize JSONL/Parquet into Megatron .bin/.idx and a BoLT chunk store"),
     "tokenizer train": ("megatron_bolt.tokenizer_cli", "train a small byte-level BPE that includes the latent special tokens"),

@@ -141,7 +141,7 @@ def _chosen_latents(latents, c0: int, c1: int, done: set[int]) -> tuple[np.ndarr
 
 def merge_latents(
     chunks_path: str | Path,
-    latents_path: str | Path,
+    latents_path: str | Path | None,
     output_prefix: str | Path,
     epochs: int = 1,
     posterior_prob: float = 0.5,
@@ -152,6 +152,9 @@ def merge_latents(
     progress: bool = True,
 ) -> MergeSummary:
     """Write `{output_prefix}_text_document.bin/.idx` (see the module docstring); returns the summary.
+
+    latents_path None writes every chunk raw (`BOS chunks EOS`): a raw baseline's data, laid out
+    exactly as the latent data minus the latents.
 
     raw_mix R adds round(R * documents * epochs) latent-free copies (BOS + chunks + EOS): R = 1
     means as many raw documents as latent ones; whole passes first, then a random subset.
@@ -167,19 +170,22 @@ def merge_latents(
         raise UserError(f"--posterior-prob must be in [0, 1], got {posterior_prob}")
     if raw_mix < 0:
         raise UserError(f"--raw-mix must be >= 0, got {raw_mix}")
-    chunks_path, latents_path = str(chunks_path), str(latents_path)
+    chunks_path = str(chunks_path)
+    latents_path = None if latents_path is None else str(latents_path)
     win = _Windows(chunks_path, window_tokens)
     ids, bos, eos = _latent_ids(win.store.special_tokens, chunks_path)
     vocab = win.store.vocab_size
     dtype = np.uint16 if vocab < 65500 else np.int32
 
-    latents = LatentStore.open(latents_path, mode="r")
     num_chunks = win.store.num_chunks
-    if latents.num_chunks != num_chunks:
+    latents = None if latents_path is None else LatentStore.open(latents_path, mode="r")
+    if latents is None:  # the raw baseline: the same documents, every chunk latent-free
+        done: set[int] = set()
+    elif latents.num_chunks != num_chunks:
         raise UserError(f"{latents_path}: latent store has {latents.num_chunks} chunks, {chunks_path} has {num_chunks}")
-    done = latents.blocks_done()
-    missing_blocks = latents.num_blocks - len(done)
-    if missing_blocks and not allow_missing:
+    else:
+        done = latents.blocks_done()
+    if latents is not None and latents.num_blocks > len(done) and not allow_missing:
         first = min(set(range(latents.num_blocks)) - done)
         raise UserError(
             f"{latents_path}: {latents.status()}; first missing block {first} (chunks from "
@@ -219,7 +225,10 @@ def merge_latents(
                 if kind == "latent":
                     draw = rng.random(c1 - c0)
                     forms = np.where(draw < posterior_prob, POSTERIOR, PRIOR)
-                    z, z_len, have = _chosen_latents(latents, c0, c1, done)
+                    if latents is None:
+                        z, z_len, have = np.zeros(0, np.int32), np.zeros(c1 - c0, np.int64), np.zeros(c1 - c0, bool)
+                    else:
+                        z, z_len, have = _chosen_latents(latents, c0, c1, done)
                     _check_ids(z, vocab, latents_path, "latent")
                     forms[~have] = RAW
                     summary.chunks["prior"] += int((forms == PRIOR).sum())

@@ -16,7 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "atomically. Byte-identical for a fixed --seed."
     )
     parser.add_argument("--chunks", required=True, metavar="CHUNKS.zarr", help="chunk store (from `bolt preprocess`)")
-    parser.add_argument("--latents", required=True, metavar="LATENTS.zarr", help="latent store (from `bolt estep`)")
+    parser.add_argument("--latents", metavar="LATENTS.zarr",
+                        help="latent store (from `bolt estep` or `bolt warmstart`); omit to write every chunk raw "
+                        "(BOS + chunks + EOS), the data of a raw baseline")
     parser.add_argument("--output-prefix", required=True, metavar="P", help="writes P_text_document.bin and .idx")
     parser.add_argument("--epochs", type=int, default=1, metavar="E",
                         help="copies of the corpus, each with fresh prior/posterior draws (default 1)")

@@ -1,0 +1,25 @@
+"""`bolt em CONFIG.yaml [key=value ...]`: run (or resume) the BoLT EM loop."""
+
+from __future__ import annotations
+
+import argparse
+
+from megatron_bolt.config import load_em_config
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "The BoLT EM loop (method.md): warm start from teacher latents, then per iteration export the "
+        "model, E-step on the rest of the corpus with K samples per chunk, merge, train, evaluate (accuracy "
+        "and IWAE). Every step's outputs live under output_dir/<stage>/; re-running resumes at the first "
+        "unfinished step. Ends with a table, output_dir/summary.json and accuracy/IWAE plots."
+    )
+    p.add_argument("config", help="EM config YAML (see examples/toy/em.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. iterations=2 estep.samples=8")
+
+
+def run(args: argparse.Namespace) -> int:
+    from megatron_bolt.em import EMDriver
+
+    EMDriver(load_em_config(args.config, args.overrides)).run()
+    return 0
