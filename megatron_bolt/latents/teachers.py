@@ -1,0 +1,333 @@
+"""Teachers for the warm start (method.md): text in, latent-thought text out, one latent per chunk.
+
+A teacher is anything with `latents(prefixes, chunks) -> list[str]`; `bolt warmstart` feeds it the
+decoded text of each chunk and of its prefix (the previous chunks of the same document).
+
+- `toy`: the toy math world's exact teacher (`megatron_bolt.toy.world.teacher_latent`).
+- `openai`: any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, SGLang, llama.cpp, ...).
+  One request per chunk, sent from a thread pool, with retries and exponential backoff on
+  connection errors, timeouts, HTTP 5xx and 429 (a `Retry-After` header is honoured), and an
+  optional requests-per-minute limit. The API key only ever goes into the Authorization header:
+  it is not printed, logged, or put in a repr or an exception message.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import os
+import random
+import re
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from pathlib import Path
+
+from megatron_bolt.errors import UserError
+
+# The warm-start instructions of method.md, in this project's words. {prefix} and {suffix} are
+# replaced by the texts; everything else is sent as written.
+DEFAULT_PROMPT = """\
+We are building training text in which every passage comes with the thinking an expert would \
+have done before writing it. Below, a document is cut in two: the PREFIX (what came before; it \
+may be empty at the start of a document) and the SUFFIX (the passage that follows).
+
+Write the missing thought behind the SUFFIX: the background knowledge the suffix takes for \
+granted that the prefix does not already supply, and the step-by-step reasoning that leads to \
+what the suffix says, including every intermediate calculation or inference it skips.
+
+Rules:
+- Use plain declarative sentences, like notes an expert writes for themselves.
+- Do not restate or summarise the prefix, and do not copy the suffix.
+- Do not mention the prefix, the suffix, the reader or these instructions.
+- Reply with the thought only.
+
+PREFIX:
+{prefix}
+
+SUFFIX:
+{suffix}
+"""
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+_PLACEHOLDER = re.compile(r"\{(prefix|suffix)\}")
+
+Progress = Callable[[int], None]
+
+
+class TeacherError(UserError):
+    """A teacher request failed for good (a 4xx other than 429, or retries exhausted)."""
+
+
+class Teacher(ABC):
+    """Latent text for chunks given their prefixes. `requests` / `retries` count HTTP requests sent
+    and how many of them were retries (0 for teachers that send none)."""
+
+    name: str = "teacher"
+    model: str = ""
+    requests: int = 0
+    retries: int = 0
+
+    @abstractmethod
+    def latents(self, prefixes: list[str], chunks: list[str], progress: Progress | None = None) -> list[str]:
+        """One latent text per chunk; `progress(n)` is called as chunks finish."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+
+class ToyTeacher(Teacher):
+    """The toy math world's teacher: the working of every problem answered in the chunk."""
+
+    name = "toy"
+    model = "megatron_bolt.toy.world.teacher_latent"
+
+    def latents(self, prefixes: list[str], chunks: list[str], progress: Progress | None = None) -> list[str]:
+        from megatron_bolt.toy.world import teacher_latent
+
+        out = [teacher_latent(p, c) for p, c in zip(prefixes, chunks, strict=True)]
+        if progress is not None:
+            progress(len(out))
+        return out
+
+
+def render_prompt(template: str, prefix: str, suffix: str) -> str:
+    """The template with {prefix} and {suffix} filled in one pass (so a text that itself contains
+    "{suffix}" is not substituted again); other braces are left alone."""
+    return _PLACEHOLDER.sub(lambda m: prefix if m.group(1) == "prefix" else suffix, template)
+
+
+def load_prompt_template(path: str) -> str:
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UserError(f"--prompt-file {path}: cannot read ({exc.strerror or exc})") from None
+    if "{suffix}" not in text:
+        raise UserError(f"--prompt-file {path}: the template has no {{suffix}} placeholder")
+    return text
+
+
+class _RateLimiter:
+    """At most `per_minute` request starts per minute, spread evenly, shared by all threads."""
+
+    def __init__(self, per_minute: float | None) -> None:
+        self.interval = 60.0 / per_minute if per_minute else 0.0
+        self.next = 0.0
+        self.lock = threading.Lock()
+
+    def wait(self) -> None:
+        if not self.interval:
+            return
+        with self.lock:
+            now = time.monotonic()
+            start = max(now, self.next)
+            self.next = start + self.interval
+        if start > now:
+            time.sleep(start - now)
+
+
+class _Retry(Exception):
+    def __init__(self, message: str, after: float | None = None) -> None:
+        super().__init__(message)
+        self.after = after
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _server_message(response) -> str:
+    """The server's error message: OpenAI's {"error": {"message": ...}} if present, else the body."""
+    try:
+        body = response.json()
+    except ValueError:
+        body = None
+    msg = None
+    if isinstance(body, dict):
+        err = body.get("error")
+        msg = err.get("message") if isinstance(err, dict) else err if isinstance(err, str) else body.get("message")
+    text = str(msg) if msg else (response.text or response.reason or "")
+    return " ".join(text.split())[:300] or "(empty body)"
+
+
+class OpenAITeacher(Teacher):
+    """A chat-completions client: one user message (the rendered prompt) per chunk."""
+
+    name = "openai"
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        api_key: str,
+        temperature: float = 0.7,
+        max_tokens: int | None = 1024,
+        concurrency: int = 8,
+        requests_per_minute: float | None = None,
+        max_retries: int = 6,
+        timeout_s: float = 120.0,
+        prompt_template: str = DEFAULT_PROMPT,
+        backoff_s: float = 1.0,
+        max_backoff_s: float = 60.0,
+    ) -> None:
+        if not base_url:
+            raise UserError("openai teacher: no base URL (--base-url or OPENAI_BASE_URL)")
+        if not model:
+            raise UserError("openai teacher: no model name (--model or OPENAI_MODEL)")
+        if not api_key:
+            raise UserError("openai teacher: no API key")
+        if concurrency < 1 or max_retries < 0 or timeout_s <= 0:
+            raise UserError("openai teacher: need --concurrency >= 1, --max-retries >= 0, --timeout > 0")
+        if requests_per_minute is not None and requests_per_minute <= 0:
+            raise UserError("openai teacher: --requests-per-minute must be > 0")
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.__key = api_key  # name-mangled and excluded from repr; see _scrub
+        self.temperature, self.max_tokens = temperature, max_tokens
+        self.max_retries, self.timeout_s = max_retries, timeout_s
+        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        self.template = prompt_template
+        self.limiter = _RateLimiter(requests_per_minute)
+        self.executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="teacher")
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.requests = self.retries = 0
+
+    def __repr__(self) -> str:
+        return f"OpenAITeacher(url={self.url!r}, model={self.model!r}, temperature={self.temperature})"
+
+    def close(self) -> None:
+        self._stop.set()
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+    # ---------------------------------------------------------------------------------- requests
+    def _session(self):
+        import requests
+
+        s = getattr(self._local, "session", None)
+        if s is None:
+            s = self._local.session = requests.Session()
+        return s
+
+    def _scrub(self, text: str) -> str:
+        """A server or library message with the key, should it echo it, masked."""
+        return text.replace(self.__key, "***") if self.__key else text
+
+    def payload(self, prefix: str, chunk: str) -> dict:
+        body = {
+            "model": self.model,
+            "messages": [{"role": "user", "content": render_prompt(self.template, prefix, chunk)}],
+            "temperature": self.temperature,
+        }
+        if self.max_tokens:
+            body["max_tokens"] = self.max_tokens
+        return body
+
+    def _count(self, retry: bool) -> None:
+        with self._lock:
+            self.requests += 1
+            self.retries += int(retry)
+
+    def _attempt(self, payload: dict) -> str:
+        import requests
+
+        headers = {"Authorization": f"Bearer {self.__key}", "Content-Type": "application/json"}
+        try:
+            r = self._session().post(self.url, json=payload, headers=headers, timeout=self.timeout_s)
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise _Retry(f"{type(exc).__name__}: {exc}") from None
+        if r.status_code == 429 or r.status_code >= 500:
+            raise _Retry(f"HTTP {r.status_code}: {_server_message(r)}", _retry_after(r.headers.get("Retry-After")))
+        if r.status_code != 200:
+            raise TeacherError(self._scrub(f"openai teacher: POST {self.url}: HTTP {r.status_code}: {_server_message(r)}"))
+        try:
+            body = r.json()
+            content = body["choices"][0]["message"].get("content")
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            # A truncated or garbled body from an overloaded proxy is worth another try.
+            raise _Retry(f"HTTP 200 without choices[0].message: {r.text[:200]!r}") from None
+        return (content or "").strip()
+
+    def complete(self, prefix: str, chunk: str) -> str:
+        """The teacher's latent for one chunk, retrying transient failures."""
+        payload = self.payload(prefix, chunk)
+        delay = self.backoff_s
+        for attempt in range(self.max_retries + 1):
+            if self._stop.is_set():
+                raise TeacherError("openai teacher: stopped")
+            self.limiter.wait()
+            self._count(retry=attempt > 0)
+            try:
+                return self._attempt(payload)
+            except _Retry as exc:
+                if attempt == self.max_retries:
+                    raise TeacherError(self._scrub(
+                        f"openai teacher: POST {self.url} failed after {attempt + 1} attempts; last error {exc}"
+                    )) from None
+                # Retry-After says when the server will take us back; otherwise jittered backoff.
+                pause = exc.after if exc.after is not None else delay * (0.5 + random.random())
+                delay = min(delay * 2, self.max_backoff_s)
+                if self._stop.wait(pause):
+                    raise TeacherError("openai teacher: stopped") from None
+        raise AssertionError("unreachable")
+
+    def latents(self, prefixes: list[str], chunks: list[str], progress: Progress | None = None) -> list[str]:
+        if len(prefixes) != len(chunks):
+            raise ValueError(f"{len(prefixes)} prefixes but {len(chunks)} chunks")
+        futures = [self.executor.submit(self.complete, p, c) for p, c in zip(prefixes, chunks)]
+        if progress is not None:
+            for f in futures:
+                f.add_done_callback(lambda f: not f.cancelled() and f.exception() is None and progress(1))
+        done, pending = wait(futures, return_when=FIRST_EXCEPTION)
+        failed = [f for f in futures if f.done() and f.exception() is not None]
+        if failed:
+            # Stop spending requests on a batch that cannot be written anyway.
+            self._stop.set()
+            for f in pending:
+                f.cancel()
+            wait(pending)
+            self._stop.clear()
+            raise failed[0].exception()
+        return [f.result() for f in futures]
+
+
+def make_teacher(
+    kind: str,
+    base_url: str | None = None,
+    model: str | None = None,
+    api_key_env: str = "OPENAI_API_KEY",
+    prompt_file: str | None = None,
+    **openai_kwargs,
+) -> Teacher:
+    """A teacher by name; the openai one reads OPENAI_BASE_URL (default OpenAI's own), OPENAI_MODEL
+    and the key variable from the environment where the arguments are not given."""
+    if kind == "toy":
+        return ToyTeacher()
+    if kind == "openai":
+        key = os.environ.get(api_key_env, "")
+        if not key:
+            raise UserError(f"openai teacher: no API key: environment variable {api_key_env} is not set "
+                            f"(set it, or name another variable with --api-key-env)")
+        template = load_prompt_template(prompt_file) if prompt_file else DEFAULT_PROMPT
+        return OpenAITeacher(
+            base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL,
+            model or os.environ.get("OPENAI_MODEL", ""),
+            key,
+            prompt_template=template,
+            **openai_kwargs,
+        )
+    raise UserError(f"unknown teacher {kind!r} (choose toy or openai)")
+
