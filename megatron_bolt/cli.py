@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "preprocess": ("megatron_bolt.data.preprocess_cli", "tokenize JSONL/Parquet into Megatron .bin/.idx and a BoLT chunk store"),
     "tokenizer train": ("megatron_bolt.tokenizer_cli", "train a small byte-level BPE that includes the latent special tokens"),
     "estep": ("megatron_bolt.latents.estep_cli", "E-step: sample K latents per chunk, importance-weight, resample, write a latent store"),
+    "warmstart": ("megatron_bolt.latents.warmstart_cli", "warm start: one latent per chunk from a teacher (toy or OpenAI-compatible) into a latent store"),
     "iwae": ("megatron_bolt.latents.iwae_cli", "IWAE bound logsumexp(log w_1..n) - log n on validation chunks"),
     "serve": ("megatron_bolt.latents.serve_cli", "serve an HF export over SGLang's native /generate API (CPU fleet / tests)"),
     "convert hf-to-mcore": ("megatron_bolt.convert.cli", "HF LlamaForCausalLM directory -> Megatron-Core distributed checkpoint"),
