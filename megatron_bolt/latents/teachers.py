@@ -127,6 +127,20 @@ class _RateLimiter:
             time.sleep(start - now)
 
 
+class _Secret:
+    """Holds the API key; its repr (and so any repr or vars() of its owner) shows only ***."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return "***"
+
+    __str__ = __repr__
+
+
 class _Retry(Exception):
     def __init__(self, message: str, after: float | None = None) -> None:
         super().__init__(message)
@@ -194,7 +208,7 @@ class OpenAITeacher(Teacher):
             raise UserError("openai teacher: --requests-per-minute must be > 0")
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
-        self.__key = api_key  # name-mangled and excluded from repr; see _scrub
+        self._key = _Secret(api_key)
         self.temperature, self.max_tokens = temperature, max_tokens
         self.max_retries, self.timeout_s = max_retries, timeout_s
         self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
@@ -224,7 +238,7 @@ class OpenAITeacher(Teacher):
 
     def _scrub(self, text: str) -> str:
         """A server or library message with the key, should it echo it, masked."""
-        return text.replace(self.__key, "***") if self.__key else text
+        return text.replace(self._key.value, "***")
 
     def payload(self, prefix: str, chunk: str) -> dict:
         body = {
@@ -244,7 +258,7 @@ class OpenAITeacher(Teacher):
     def _attempt(self, payload: dict) -> str:
         import requests
 
-        headers = {"Authorization": f"Bearer {self.__key}", "Content-Type": "application/json"}
+        headers = {"Authorization": f"Bearer {self._key.value}", "Content-Type": "application/json"}
         try:
             r = self._session().post(self.url, json=payload, headers=headers, timeout=self.timeout_s)
         except (requests.ConnectionError, requests.Timeout) as exc:
@@ -272,8 +286,12 @@ class OpenAITeacher(Teacher):
             self._count(retry=attempt > 0)
             try:
                 return self._attempt(payload)
+            except TeacherError:
+                self._stop.set()  # a permanent failure: the other threads stop sending too
+                raise
             except _Retry as exc:
                 if attempt == self.max_retries:
+                    self._stop.set()
                     raise TeacherError(self._scrub(
                         f"openai teacher: POST {self.url} failed after {attempt + 1} attempts; last error {exc}"
                     )) from None

@@ -10,7 +10,6 @@ from megatron_bolt.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     parser.description = (
         "Warm start (method.md): decode every chunk of CHUNKS.zarr and its prefix (the previous "
         "--prefix-chunks chunks of its document), ask a teacher for the missing background and "
@@ -26,26 +25,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="toy: the toy math world's exact teacher; openai: a chat-completions endpoint")
     parser.add_argument("--tokenizer", default=None, metavar="DIR",
                         help="corpus tokenizer (default: the path the chunk store records)")
-    parser.add_argument("--prefix-chunks", type=int, default=1, help="previous chunks shown to the teacher as context")
+    parser.add_argument("--prefix-chunks", type=int, default=1, help="previous chunks shown to the teacher as context (default 1)")
     parser.add_argument("--block-size", type=int, default=None,
                         help="chunks per block, the unit of resume (default: the existing store's, else 256)")
-    parser.add_argument("--shard", default="0/1", help="i/N: this job fills blocks b with b %% N == i")
+    parser.add_argument("--shard", default="0/1", help="i/N: this job fills blocks b with b %% N == i (default 0/1)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     g = parser.add_argument_group("openai teacher")
     g.add_argument("--base-url", default=None, help="API base URL, e.g. http://host:8000/v1 (default $OPENAI_BASE_URL, "
                                                     "else https://api.openai.com/v1)")
     g.add_argument("--model", default=None, help="model name (default $OPENAI_MODEL)")
     g.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
-                   help="environment variable holding the API key (sent as Authorization: Bearer)")
-    g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature")
-    g.add_argument("--max-tokens", type=int, default=1024, help="max_tokens of each completion (0: omit)")
-    g.add_argument("--concurrency", type=int, default=8, help="requests in flight")
-    g.add_argument("--requests-per-minute", type=float, default=None, help="rate limit (default none)")
+                   help="environment variable holding the API key, sent as Authorization: Bearer (default OPENAI_API_KEY)")
+    g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7, as method.md's teacher)")
+    g.add_argument("--max-tokens", type=int, default=1024, help="max_tokens of each completion; 0 leaves it out (default 1024)")
+    g.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
+    g.add_argument("--requests-per-minute", type=float, default=None, help="request starts per minute, spread evenly (default: no limit)")
     g.add_argument("--max-retries", type=int, default=6,
-                   help="retries per chunk on connection errors, timeouts, 5xx and 429")
+                   help="retries per chunk on connection errors, timeouts, 5xx and 429 (default 6)")
     g.add_argument("--retry-backoff", type=float, default=1.0, metavar="S",
-                   help="first retry delay; doubles each retry up to 60 s (a Retry-After header takes precedence)")
-    g.add_argument("--timeout", type=float, default=120.0, metavar="S", help="per-request timeout")
+                   help="first retry delay, doubled each retry up to 60 s; a Retry-After header takes precedence (default 1)")
+    g.add_argument("--timeout", type=float, default=120.0, metavar="S", help="per-request timeout (default 120)")
     g.add_argument("--prompt-file", default=None, metavar="F",
                    help="prompt template with {prefix} and {suffix} (default: the built-in warm-start prompt)")
 
