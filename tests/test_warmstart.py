@@ -119,6 +119,11 @@ def answer_for(prompt: str) -> str:
     return f"  Thought {h[:6]}: {len(prompt)} chars, so {int(h[2:4], 16) % 10} + 1 = {(int(h[2:4], 16) + 1) % 10}.{extra}\n"
 
 
+def cut_off(prompt: str) -> bool:
+    """Whether the stand-in reports finish_reason "length" for this prompt."""
+    return hashlib.sha256(prompt.encode()).hexdigest()[2] in "012"
+
+
 class StandIn:
     """An OpenAI-compatible chat-completions server on 127.0.0.1 with fault injection.
 
@@ -214,7 +219,8 @@ class StandIn:
         entry["status"] = 200
         self.send(h, 200, {
             "id": f"chatcmpl-{n}", "object": "chat.completion", "created": int(time.time()), "model": MODEL,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer},
+                         "finish_reason": "length" if cut_off(prompt) else "stop"}],
             "usage": {"prompt_tokens": len(prompt) // 4, "completion_tokens": len(answer) // 4,
                       "total_tokens": (len(prompt) + len(answer)) // 4},
         })
@@ -260,7 +266,8 @@ def test_openai_teacher_over_http_with_faults(corpus, tmp_path):
     first = server.log[0]
     again = next(e for e in server.log[1:] if e["prompt"] == first["prompt"])
     assert again["time"] - first["time"] >= 0.9
-    assert f"{len(got) + 3} requests, 3 retries" in proc.stderr
+    cut = sum(cut_off(p) for p in server.answered_prompts())
+    assert cut and f"{len(got) + 3} requests, 3 retries, {cut} answers cut at max tokens" in proc.stderr
     assert f"{len(got)} chunks" in proc.stderr
     store = LatentStore.open(out, mode="r")
     assert store.attrs["engine"] == "teacher:openai" and store.attrs["model"] == MODEL
@@ -347,6 +354,10 @@ def test_bad_input_is_one_line(corpus, tmp_path, capsys, monkeypatch):
                                        "--api-key-env", "MY_KEY", "--concurrency", "1"])
     assert "HTTP 401" in line and "Incorrect API key provided." in line
     assert len(server.log) == 1  # a 401 is not retried, and nothing more is sent
+    with StandIn(key="sk-the-right-one") as server:  # 8 threads: the 401 is reported, not a stopped thread
+        line = one_line_error(capsys, [*base, "--teacher", "openai", "--base-url", server.url, "--model", MODEL,
+                                       "--api-key-env", "MY_KEY", "--concurrency", "8"])
+    assert "HTTP 401" in line and 1 <= len(server.log) <= 8
 
     (tmp_path / "p.txt").write_text("no placeholders here")
     line = one_line_error(capsys, [*base, "--teacher", "openai", "--model", MODEL, "--api-key-env", "MY_KEY",

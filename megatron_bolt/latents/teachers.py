@@ -60,6 +60,10 @@ class TeacherError(UserError):
     """A teacher request failed for good (a 4xx other than 429, or retries exhausted)."""
 
 
+class _Stopped(TeacherError):
+    """Raised in a thread that gave up because another request failed for good."""
+
+
 class Teacher(ABC):
     """Latent text for chunks given their prefixes. `requests` / `retries` count HTTP requests sent
     and how many of them were retries (0 for teachers that send none)."""
@@ -68,6 +72,7 @@ class Teacher(ABC):
     model: str = ""
     requests: int = 0
     retries: int = 0
+    truncated: int = 0  # answers cut off by max_tokens (kept as they are)
 
     @abstractmethod
     def latents(self, prefixes: list[str], chunks: list[str], progress: Progress | None = None) -> list[str]:
@@ -269,10 +274,14 @@ class OpenAITeacher(Teacher):
             raise TeacherError(self._scrub(f"openai teacher: POST {self.url}: HTTP {r.status_code}: {_server_message(r)}"))
         try:
             body = r.json()
-            content = body["choices"][0]["message"].get("content")
+            choice = body["choices"][0]
+            content = choice["message"].get("content")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             # A truncated or garbled body from an overloaded proxy is worth another try.
             raise _Retry(f"HTTP 200 without choices[0].message: {r.text[:200]!r}") from None
+        if choice.get("finish_reason") == "length":
+            with self._lock:
+                self.truncated += 1
         return (content or "").strip()
 
     def complete(self, prefix: str, chunk: str) -> str:
@@ -281,7 +290,7 @@ class OpenAITeacher(Teacher):
         delay = self.backoff_s
         for attempt in range(self.max_retries + 1):
             if self._stop.is_set():
-                raise TeacherError("openai teacher: stopped")
+                raise _Stopped("openai teacher: stopped")
             self.limiter.wait()
             self._count(retry=attempt > 0)
             try:
@@ -299,7 +308,7 @@ class OpenAITeacher(Teacher):
                 pause = exc.after if exc.after is not None else delay * (0.5 + random.random())
                 delay = min(delay * 2, self.max_backoff_s)
                 if self._stop.wait(pause):
-                    raise TeacherError("openai teacher: stopped") from None
+                    raise _Stopped("openai teacher: stopped") from None
         raise AssertionError("unreachable")
 
     def latents(self, prefixes: list[str], chunks: list[str], progress: Progress | None = None) -> list[str]:
@@ -310,7 +319,7 @@ class OpenAITeacher(Teacher):
             for f in futures:
                 f.add_done_callback(lambda f: not f.cancelled() and f.exception() is None and progress(1))
         done, pending = wait(futures, return_when=FIRST_EXCEPTION)
-        failed = [f for f in futures if f.done() and f.exception() is not None]
+        failed = [f for f in futures if f.done() and not f.cancelled() and f.exception() is not None]
         if failed:
             # Stop spending requests on a batch that cannot be written anyway.
             self._stop.set()
@@ -318,7 +327,9 @@ class OpenAITeacher(Teacher):
                 f.cancel()
             wait(pending)
             self._stop.clear()
-            raise failed[0].exception()
+            # Report the failure itself, not a thread that stopped because of it.
+            errors = [f.exception() for f in failed]
+            raise next((e for e in errors if not isinstance(e, _Stopped)), errors[0])
         return [f.result() for f in futures]
 
 

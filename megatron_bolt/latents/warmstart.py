@@ -36,6 +36,7 @@ class WarmstartSummary:
     specials_dropped: int = 0
     requests: int = 0
     retries: int = 0
+    truncated: int = 0
     skipped_blocks: int = 0
     seconds: float = 0.0
 
@@ -44,7 +45,8 @@ class WarmstartSummary:
         return (
             f"{self.chunks} chunks in {self.blocks} blocks, {self.latent_tokens} latent tokens, "
             f"{self.empty_latents} empty latents, {self.specials_dropped} special tokens dropped; "
-            f"{self.requests} requests, {self.retries} retries; {self.seconds:.1f}s "
+            f"{self.requests} requests, {self.retries} retries, {self.truncated} answers cut at max tokens; "
+            f"{self.seconds:.1f}s "
             f"({self.chunks / s:.2f} chunks/s); {self.skipped_blocks} blocks already done"
         )
 
@@ -108,7 +110,7 @@ def run_warmstart(
 
         bar = tqdm(total=sum(len(store.block_range(b)) for b in todo), unit="chunk", file=sys.stderr,
                    desc=f"warmstart {teacher.name} shard {shard[0]}/{shard[1]}", dynamic_ncols=True)
-    requests0, retries0 = teacher.requests, teacher.retries
+    requests0, retries0, truncated0 = teacher.requests, teacher.retries, teacher.truncated
     start = time.perf_counter()
     try:
         for b in todo:
@@ -141,4 +143,5 @@ def run_warmstart(
         summary.seconds = time.perf_counter() - start
         summary.requests = teacher.requests - requests0
         summary.retries = teacher.retries - retries0
+        summary.truncated = teacher.truncated - truncated0
     return summary
