@@ -6,18 +6,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import subprocess
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
-from conftest import bolt
+from conftest import REPO, bolt
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_bolt.cli import main as bolt_main
 from megatron_bolt.data.chunk_store import ChunkStore
+from megatron_bolt.errors import UserError
 from megatron_bolt.latents.store import LatentStore
 from megatron_bolt.latents.teachers import DEFAULT_PROMPT, OpenAITeacher, _retry_after
 from megatron_bolt.latents.warmstart import run_warmstart
@@ -131,8 +135,9 @@ class StandIn:
     were given, every request gets HTTP 400 ("quota exhausted")."""
 
     def __init__(self, key: str = KEY, faults: dict[int, str] | None = None, fail_after: int | None = None,
-                 retry_after: str = "1") -> None:
+                 retry_after: str = "1", delay_s: float = 0.0) -> None:
         self.key, self.faults, self.fail_after, self.retry_after = key, faults or {}, fail_after, retry_after
+        self.delay_s = delay_s
         self.lock = threading.Lock()
         self.log: list[dict] = []  # one entry per request: n, time, prompt, status
         self.answers: dict[str, str] = {}
@@ -214,6 +219,7 @@ class StandIn:
                 entry["status"] = 400
                 return self.error(h, 400, "You exceeded your current quota.", "insufficient_quota")
             self.answered += 1
+        time.sleep(self.delay_s)
         answer = answer_for(prompt)
         self.answers[prompt] = answer
         entry["status"] = 200
@@ -309,6 +315,42 @@ def test_resume_after_failure_redoes_no_block(corpus, tmp_path):
     assert resumed == whole == expected_latents(corpus, DEFAULT_PROMPT, tok)
     # the default prompt carries both texts
     assert "SUFFIX:\n" in server.log[0]["prompt"]
+
+
+def test_resume_after_kill(corpus, tmp_path):
+    """SIGKILL part-way through a block: the re-run redoes only unfinished blocks, and the store
+    ends up as an uninterrupted run's."""
+    tok = load_tokenizer(corpus["tokenizer"])
+    num_chunks = ChunkStore.open(corpus["chunks"]).num_chunks
+    out = str(tmp_path / "lat.zarr")
+    with StandIn(delay_s=0.05) as server:
+        cmd = [sys.executable, "-m", "megatron_bolt", "warmstart", "--chunks", corpus["chunks"], "--out", out,
+               "--teacher", "openai", "--base-url", server.url, "--model", MODEL, "--block-size", "4",
+               "--concurrency", "1", "--quiet"]
+        proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "OPENAI_API_KEY": KEY},
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and proc.poll() is None:
+                try:
+                    if len(LatentStore.open(out, mode="r").blocks_done()) >= 2:
+                        break
+                except (UserError, KeyError, FileNotFoundError):
+                    pass  # not created yet, or being created
+                time.sleep(0.02)
+            time.sleep(0.1)  # into the next block
+        finally:
+            proc.kill()
+            proc.wait()
+    done = LatentStore.open(out, mode="r").blocks_done()
+    finished_chunks = sum(len(LatentStore.open(out, mode="r").block_range(b)) for b in done)
+    assert 2 <= len(done) and finished_chunks < num_chunks
+    with StandIn() as server:
+        t = OpenAITeacher(server.url, MODEL, KEY, concurrency=2)
+        summary = run_warmstart(corpus["chunks"], out, t, block_size=4, progress=False)
+        t.close()
+    assert summary.requests == len(server.log) == num_chunks - finished_chunks
+    assert stored_latents(out, tok) == expected_latents(corpus, DEFAULT_PROMPT, tok)
 
 
 def test_sharded_runs_fill_one_store(corpus, tmp_path):

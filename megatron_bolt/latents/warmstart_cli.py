@@ -38,7 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="environment variable holding the API key, sent as Authorization: Bearer (default OPENAI_API_KEY)")
     g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7, as method.md's teacher)")
     g.add_argument("--max-tokens", type=int, default=1024, help="max_tokens of each completion; 0 leaves it out (default 1024)")
-    g.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8)")
+    g.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8); keep --block-size well above it, since a block's "
+                        "slowest requests hold up the next block")
     g.add_argument("--requests-per-minute", type=float, default=None, help="request starts per minute, spread evenly (default: no limit)")
     g.add_argument("--max-retries", type=int, default=6,
                    help="retries per chunk on connection errors, timeouts, 5xx and 429 (default 6)")
