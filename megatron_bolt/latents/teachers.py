@@ -229,8 +229,10 @@ class OpenAITeacher(Teacher):
         return f"OpenAITeacher(url={self.url!r}, model={self.model!r}, temperature={self.temperature})"
 
     def close(self) -> None:
+        # Do not wait for requests still in flight (an interrupt would otherwise hang for up to
+        # --timeout); they see the stop flag and make no further attempts.
         self._stop.set()
-        self.executor.shutdown(wait=True, cancel_futures=True)
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
     # ---------------------------------------------------------------------------------- requests
     def _session(self):
