@@ -30,7 +30,12 @@ from megatron_bolt.models.gpt import layer_spec, transformer_config
 
 
 class PonderGPTModel(GPTModel):
-    """GPTModel whose forward runs the interleaved latent-thought sequence (PP = 1 only)."""
+    """GPTModel whose forward runs the interleaved latent-thought sequence.
+
+    With pipeline parallelism each stage's forward runs its layers in every pass, passing hidden
+    states on point to point (`ponder_pipeline`); the last stage returns the losses / logits, the
+    others a scalar link tensor that `ponder_pipeline.forward_backward` runs their backward from.
+    """
 
     def __init__(self, *args, ponder: ModelConfig, seed: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
@@ -72,22 +77,34 @@ class PonderGPTModel(GPTModel):
         T, b, h = emb.shape
         return torch.cat([emb.unsqueeze(1), latents], dim=1).reshape(T * (self.latents + 1), b, h)
 
+    def next_latents(self, out: torch.Tensor, tokens: int) -> torch.Tensor:
+        """The latents [T, K, b, h] fed to the next pass, from a pass's post-final-norm output.
+
+        After the plain pass ([T, b, h]) every latent of token t is its output; after an interleaved
+        pass ([(K+1)T, b, h]) latent k of token t is the output of the slot before it (slot k).
+        """
+        b, h = out.shape[1:]
+        if out.shape[0] == tokens:
+            return out.unsqueeze(1).expand(tokens, self.latents, b, h)
+        return out.view(tokens, self.latents + 1, b, h)[:, : self.latents]
+
+    def pass_rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE of the plain pass (one slot per token) and of the interleaved passes (K+1 slots)."""
+        return self.rotary_for(positions), self.rotary_for(positions.repeat_interleave(self.latents + 1))
+
     def jacobi_hidden(self, emb: torch.Tensor, positions: torch.Tensor, iters: int) -> torch.Tensor:
-        """Final-pass hidden states of the interleaved sequence, [(K+1)T, b, h]."""
-        T, b, h = emb.shape
-        K = self.latents
-        slot_positions = positions.repeat_interleave(K + 1)
-        rotary_tokens = self.rotary_for(positions)
-        rotary_slots = self.rotary_for(slot_positions)
-        first = self.decoder(hidden_states=emb, attention_mask=None, rotary_pos_emb=rotary_tokens)
-        latents = first.unsqueeze(1).expand(T, K, b, h)
-        for _ in range(iters):
-            out = self.decoder(hidden_states=self.interleave(emb, latents), attention_mask=None,
+        """Final-pass hidden states of the interleaved sequence, [(K+1)T, b, h] (whole model, PP = 1).
+
+        The plain pass, `iters` Jacobi passes and the final pass; `ponder_pipeline` runs the same
+        passes across pipeline stages.
+        """
+        T = emb.shape[0]
+        rotary_tokens, rotary_slots = self.pass_rotary(positions)
+        out = self.decoder(hidden_states=emb, attention_mask=None, rotary_pos_emb=rotary_tokens)
+        for _ in range(iters + 1):
+            out = self.decoder(hidden_states=self.interleave(emb, self.next_latents(out, T)), attention_mask=None,
                                rotary_pos_emb=rotary_slots)
-            # latent k of token t is the output of the slot before it: slots 0..K-1 of token t
-            latents = out.view(T, K + 1, b, h)[:, :K]
-        return self.decoder(hidden_states=self.interleave(emb, latents), attention_mask=None,
-                            rotary_pos_emb=rotary_slots)
+        return out
 
     # -- the GPTModel interface used by the training loop and `bolt score` ------------------------
     def forward(self, input_ids, position_ids, attention_mask, labels=None, **kwargs):
@@ -96,8 +113,16 @@ class PonderGPTModel(GPTModel):
         positions = position_ids[0]
         if position_ids.shape[0] > 1 and not torch.equal(position_ids, positions.expand_as(position_ids)):
             raise UserError("ponder models need the same position ids in every row of a batch")
-        emb = self.embed(input_ids, position_ids)
-        hidden = self.jacobi_hidden(emb, positions, self.num_jacobi(input_ids))
+        iters = self.num_jacobi(input_ids)
+        emb = self.embed(input_ids, position_ids) if self.pre_process else None
+        if self.pre_process and self.post_process:
+            hidden = self.jacobi_hidden(emb, positions, iters)
+        else:
+            from megatron_bolt.models.ponder_pipeline import pipelined_jacobi_hidden
+
+            hidden, link = pipelined_jacobi_hidden(self, emb, positions, input_ids.shape[0], iters)
+            if not self.post_process:
+                return link  # what `ponder_pipeline.forward_backward` runs this stage's backward from
         T = input_ids.shape[1]
         last = hidden.view(T, self.latents + 1, *hidden.shape[1:])[:, -1]  # [T, b, h]
         logits = self.logits(last)
@@ -114,12 +139,7 @@ def build_ponder(
     bf16: bool = False,
     seed: int = 0,
 ) -> PonderGPTModel:
-    """The whole ponder model (pipeline parallelism is not supported: Jacobi needs every layer per pass)."""
-    if parallel.pp > 1 or not (pre_process and post_process):
-        raise UserError(
-            f"model.type=ponder does not support pipeline parallelism (parallel.pp={parallel.pp}); "
-            "use parallel.tp and data parallelism"
-        )
+    """One pipeline stage of the ponder model (the whole model when pp == 1)."""
     if parallel.sequence_parallel and parallel.tp > 1:
         raise UserError("model.type=ponder does not support parallel.sequence_parallel")
     return PonderGPTModel(
@@ -127,8 +147,8 @@ def build_ponder(
         transformer_layer_spec=layer_spec(model),
         vocab_size=model.padded_vocab_size(parallel.tp),
         max_sequence_length=model.seq_len,
-        pre_process=True,
-        post_process=True,
+        pre_process=pre_process,
+        post_process=post_process,
         share_embeddings_and_output_weights=model.tie_embeddings,
         position_embedding_type="rope",
         rotary_base=int(model.rope_base),

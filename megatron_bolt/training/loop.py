@@ -104,6 +104,16 @@ def _forward_step(data_iterator, model):
     return output, partial(_loss_func, batch["loss_mask"])
 
 
+def forward_backward_func(cfg: RunConfig):
+    """Megatron's schedule for this configuration; the ponder model at PP > 1 has its own, since
+    each of its Jacobi passes traverses the whole pipeline (megatron_bolt.models.ponder_pipeline)."""
+    if cfg.model.type == "ponder" and cfg.parallel.pp > 1:
+        from megatron_bolt.models.ponder_pipeline import forward_backward
+
+        return forward_backward
+    return get_forward_backward_func()
+
+
 def _to_device(batches):
     dev = runtime.device()
     for b in batches:
@@ -207,7 +217,7 @@ def train(cfg: RunConfig) -> dict:
     train_ds, _, _ = build_datasets(cfg, (t.steps * t.global_batch, 0, 0))
     sampler = GlobalBatchSampler(train_ds, t.global_batch, t.micro_batch)
     metrics = MetricsWriter(output_dir, start_step)
-    forward_backward = get_forward_backward_func()
+    forward_backward = forward_backward_func(cfg)
     tokens_per_step = t.global_batch * cfg.model.seq_len
     runtime.print0(
         f"training {cfg.model.type} model: {sum(p.numel() for p in module.parameters()):,} params on this rank, "
