@@ -10,7 +10,7 @@ what it cannot do. Documents state problems and their results *without the worki
 
     Final Answer: 2
 
-The teacher writes the working as a latent thought (`7 + 5 = 2. 2 * 3 = 6. 6 - 4 = 2.`), so a model
+The teacher writes the working as a latent thought (`7 + 5 * 3 - 4 = 2 * 3 - 4 = 6 - 4 = 2.`), so a model
 trained with latents can learn the steps, while one trained on the raw text sees only results. The
 grader reads the first `Final Answer: n` of a prediction. The problem and answer formats are those
 of method.md's latent-space evaluation (`Problem:\\n{q}\\n`, `Final Answer: {a}`).
@@ -35,7 +35,7 @@ _ANSWER = re.compile(r"Final Answer:\s*(-?\d+)")
 @dataclass(frozen=True)
 class ToyProblem:
     question: str  # "7 + 5 * 3 - 4"
-    working: str  # "7 + 5 = 2. 2 * 3 = 6. 6 - 4 = 2."
+    working: str  # "7 + 5 * 3 - 4 = 2 * 3 - 4 = 6 - 4 = 2."
     answer: str  # "2"
 
 
@@ -58,22 +58,26 @@ def _apply(a: int, op: str, b: int) -> int:
 
 
 def solve(question: str) -> ToyProblem:
-    """Work a question out step by step; raises ValueError if it is not a toy problem."""
+    """Work a question out step by step; raises ValueError if it is not a toy problem.
+
+    The working rewrites the expression once per step, replacing its first operation by the result
+    (`7 + 5 * 3 - 4 = 2 * 3 - 4 = 6 - 4 = 2.`): each step is one fact plus a copy of the rest, the
+    kind of step a tiny transformer learns quickly.
+    """
     parts = question.split()
-    if len(parts) < 3 or len(parts) % 2 == 0:
+    if len(parts) < 3 or len(parts) % 2 == 0 or any(op not in OPS for op in parts[1::2]):
         raise ValueError(f"not a toy problem: {question!r}")
     try:
-        value = int(parts[0])
-        steps = []
-        for op, b in zip(parts[1::2], parts[2::2]):
-            if op not in OPS:
-                raise ValueError(op)
-            new = _apply(value, op, int(b))
-            steps.append(f"{value} {op} {b} = {new}.")
-            value = new
+        numbers = [int(x) for x in parts[0::2]]
     except ValueError as exc:
         raise ValueError(f"not a toy problem: {question!r}") from exc
-    return ToyProblem(question=" ".join(parts), working=" ".join(steps), answer=str(value))
+    ops = parts[1::2]
+    value, rewrites = numbers[0], [" ".join(parts)]
+    for i, op in enumerate(ops):
+        value = _apply(value, op, numbers[i + 1])
+        rest = [f"{o} {n}" for o, n in zip(ops[i + 1 :], numbers[i + 2 :])]
+        rewrites.append(" ".join([str(value), *rest]))
+    return ToyProblem(question=" ".join(parts), working=" = ".join(rewrites) + ".", answer=str(value))
 
 
 def sample_problem(rng: np.random.Generator, world: ToyWorld = ToyWorld()) -> ToyProblem:
@@ -121,20 +125,17 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
 
 
 def teacher_latent(prefix: str, chunk: str) -> str:
-    """The teacher's latent thought for `chunk` given the text before it: the working of every
-    problem whose `Final Answer` lies in the chunk, in order (its question may be in the prefix).
-    A chunk with no answer in it gets an empty latent."""
-    text = prefix + chunk
-    start = len(prefix)
-    questions = [(m.end(), m.group(1)) for m in _PROBLEM.finditer(text + "\n")]
-    thoughts = []
-    for m in _ANSWER.finditer(text):
-        if m.start() < start:
-            continue
-        before = [q for end, q in questions if end <= m.start()]
-        if before:
-            thoughts.append(solve(before[-1]).working)
-    return " ".join(thoughts)
+    """The teacher's latent thought for `chunk` given the text before it: the working of a problem
+    whose question is already in the prefix and whose `Final Answer` lies in the chunk (the thought
+    that explains the next result). Chunks that answer nothing from before get an empty latent:
+    a thought is only ever about what the reader has seen, which is what evaluation asks of it."""
+    questions = list(_PROBLEM.finditer(prefix + "\n"))
+    if not questions or _ANSWER.search(prefix[questions[-1].end() - 1 :]):
+        return ""  # no question left open by the prefix
+    answer = _ANSWER.search(chunk)
+    if answer is None or _PROBLEM.search(chunk[: answer.start()] + "\n"):
+        return ""
+    return solve(questions[-1].group(1)).working
 
 
 def extract_answer(prediction: str) -> str | None:
