@@ -16,6 +16,7 @@ from megatron_bolt.errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("megatron_bolt.training.cli", "train a model with Megatron-Core (torchrun / srun / local launch)"),
     "score": ("megatron_bolt.training.score_cli", "summed log-probabilities of token sequences under a Megatron checkpoint"),
+    "eval": ("megatron_bolt.evaluation.cli", "few-shot greedy evaluation (toy, GSM8K, MATH) of an HF export, in latent space or raw"),
     "generate": ("megatron_bolt.generate_cli", "KV-cached continuation of token prompts under a gpt or ponder checkpoint"),
     "merge": ("megatron_bolt.data.merge_cli", "merge chosen latents into a Megatron .bin/.idx (prior/posterior forms)"),
     "latents status": ("megatron_bolt.latents.store_cli", "how many blocks of a latent store are done"),

@@ -185,3 +185,58 @@ def assemble_documents(
     chunk_out = lens.sum(axis=1)
     doc_lengths = np.add.reduceat(chunk_out, doc_end - doc_chunk_counts) if n else np.zeros(0, np.int64)
     return tokens, doc_lengths
+
+
+# ---------------------------------------------------------------- evaluation prompts ----------------
+# Few-shot prompts of method.md's latent-space evaluation. A prompt is first laid out as pieces
+# (text strings and special-token ids) and then encoded with adjacent strings merged, so the text
+# between two special tokens is tokenized in one piece, as it is inside a training document.
+
+EXEMPLAR_SEPARATOR = "\n\n"
+STOP_STRING = "Problem:"
+
+
+def problem_header(question: str) -> str:
+    return f"Problem:\n{question}\n"
+
+
+def latent_eval_pieces(question: str, exemplars: Sequence[tuple[str, str, str]], ids: LatentIds) -> list[str | int]:
+    """`Problem:\\n{q}\\n SoL PRIOR` after exemplars `Problem:\\n{q}\\n SoL PRIOR {reasoning} EoL
+     Final Answer: {a}` (each exemplar a (question, reasoning, answer) triple), separated by blank
+    lines. The model continues with its own latent, EoL and the answer."""
+    pieces: list[str | int] = []
+    for q, reasoning, answer in exemplars:
+        pieces += [problem_header(q), ids.sol, ids.prior, reasoning, ids.eol, f" Final Answer: {answer}", EXEMPLAR_SEPARATOR]
+    return [*pieces, problem_header(question), ids.sol, ids.prior]
+
+
+def raw_exemplar_text(question: str, solution: str, answer: str) -> str:
+    """`Problem:\\n{q}\\n{solution}\\nFinal Answer: {a}`; with an empty solution this is exactly the
+    toy corpus layout `Problem:\\n{q}\\n\\nFinal Answer: {a}`."""
+    return f"{problem_header(question)}{solution}\nFinal Answer: {answer}"
+
+
+def raw_eval_pieces(question: str, exemplars: Sequence[tuple[str, str, str]]) -> list[str | int]:
+    """Plain-text few-shot prompt: exemplars (question, solution, answer) in `raw_exemplar_text`
+    layout separated by blank lines, then `Problem:\\n{q}\\n`. The prompt stops at the newline after
+    the question (not at the blank line of the toy layout) so that its last token is one the
+    document tokenization also has there; the model writes the rest."""
+    pieces: list[str | int] = [raw_exemplar_text(q, s, a) + EXEMPLAR_SEPARATOR for q, s, a in exemplars]
+    return [*pieces, problem_header(question)]
+
+
+def encode_pieces(pieces: Sequence[str | int], encode, bos: int | None = None) -> list[int]:
+    """Token ids of a piece list: runs of adjacent strings are joined and encoded once (`encode`:
+    str -> list of ids), ints are taken as token ids; `bos` (if given) goes first."""
+    out: list[int] = [] if bos is None else [bos]
+    text: list[str] = []
+    for p in [*pieces, None]:
+        if isinstance(p, str):
+            text.append(p)
+            continue
+        if text and "".join(text):
+            out.extend(encode("".join(text)))
+        text = []
+        if p is not None:
+            out.append(int(p))
+    return out

@@ -4,7 +4,9 @@ Sampling puts every (prompt, sample) pair of a call into left-padded rows (atten
 position ids make padding invisible), prefills them together and decodes with one shared KV cache;
 rows that hit a stop token are dropped from the cache so late steps only pay for live rows.
 Tokens are drawn by inverse-CDF from the untempered softmax with a counter-based uniform per
-(row seed, step), so a row's draw does not depend on its batch neighbours.
+(row seed, step), so a row's draw does not depend on its batch neighbours. `generate_greedy` runs
+the same loop with argmax instead of a draw (evaluation), and can end a row on a condition of its
+tokens so far (a stop string in the decoded text) as well as on stop ids.
 
 Scoring left-pads prompt+continuation rows so that every continuation ends at the last position,
 which lets one `logits_to_keep` cover all of them without materialising logits for the prompts.
@@ -12,6 +14,7 @@ which lets one `logits_to_keep` cover all of them without materialising logits f
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -156,6 +159,18 @@ class LocalEngine(Engine):
         for b, i in enumerate(idx):
             scores[i] = float(sums[b])
 
+    def generate_greedy(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int | list[int],
+        stop: list[int],
+        stop_check: Callable[[list[int]], bool] | None = None,
+    ) -> list[RowResult]:
+        """Greedy (argmax) continuation of each prompt, batched like sampling. A row ends on a stop
+        id (kept as its last token, `stop_token` set), when `stop_check(tokens so far)` is true
+        (`finished` with `stop_token` None: the caller cuts the text), or at max_new_tokens."""
+        return self.generate_rows(prompts, [0] * len(prompts), max_new_tokens, stop, greedy=True, stop_check=stop_check)
+
     def generate_rows(
         self,
         prompts: list[list[int]],
@@ -163,11 +178,13 @@ class LocalEngine(Engine):
         max_new_tokens: int | list[int],
         stop: list[int],
         input_logprob_start: list[int | None] | None = None,
+        greedy: bool = False,
+        stop_check: Callable[[list[int]], bool] | None = None,
     ) -> list[RowResult]:
         """Generate one continuation per row; the building block of `sample` and of `bolt serve`.
 
         input_logprob_start[i] = s asks for the log-probs of prompt tokens s+1..L-1 (SGLang's
-        logprob_start_len); None skips them.
+        logprob_start_len); None skips them. greedy/stop_check: see `generate_greedy`.
         """
         if isinstance(max_new_tokens, int):
             max_new_tokens = [max_new_tokens] * len(prompts)
@@ -186,13 +203,15 @@ class LocalEngine(Engine):
                 [max_new_tokens[i] for i in idx],
                 set(int(t) for t in stop),
                 [starts[i] for i in idx],
+                greedy,
+                stop_check,
             )
             for i, r in zip(idx, part):
                 results[i] = r
         return results  # type: ignore[return-value]
 
     @torch.inference_mode()
-    def _generate_batch(self, prompts, seeds, max_new, stop: set[int], starts) -> list[RowResult]:
+    def _generate_batch(self, prompts, seeds, max_new, stop: set[int], starts, greedy=False, stop_check=None) -> list[RowResult]:
         from transformers import DynamicCache
 
         B = len(prompts)
@@ -247,10 +266,13 @@ class LocalEngine(Engine):
         step = 0
         while len(active):
             logp = torch.log_softmax(logits, dim=-1)
-            cdf = logp.exp().cumsum(-1)
-            u = torch.from_numpy(step_uniforms(seeds_np[active], step)).to(cdf)
-            tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None].contiguous(), right=True)[:, 0]
-            tok = tok.clamp_(max=logp.shape[-1] - 1)
+            if greedy:
+                tok = logits.argmax(-1)
+            else:
+                cdf = logp.exp().cumsum(-1)
+                u = torch.from_numpy(step_uniforms(seeds_np[active], step)).to(cdf)
+                tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None].contiguous(), right=True)[:, 0]
+                tok = tok.clamp_(max=logp.shape[-1] - 1)
             tok_lp = logp.gather(-1, tok[:, None])[:, 0]
             tok_list, lp_list = tok.tolist(), tok_lp.tolist()
             live = np.ones(len(active), dtype=bool)
@@ -260,6 +282,9 @@ class LocalEngine(Engine):
                 r.logprobs.append(lp_list[j])
                 if tok_list[j] in stop:
                     r.finished, r.stop_token = True, tok_list[j]
+                    live[j] = False
+                elif stop_check is not None and stop_check(r.tokens):
+                    r.finished = True
                     live[j] = False
                 elif len(r.tokens) >= max_new_np[b]:
                     live[j] = False

@@ -1,0 +1,199 @@
+"""Few-shot evaluation of an HF export, in latent space (method.md) or on raw text.
+
+`evaluate` builds one prompt per item (`megatron_bolt.data.formats` lays them out), decodes them
+greedily in batches with the KV-cached `LocalEngine`, cuts each continuation at the first
+`Problem:` (or at SoL / EOS, which end a row as stop ids), grades it and optionally writes
+`predictions.jsonl` and `accuracy.json`.
+
+Exemplars are the first `shots` items of `exemplars` if given, otherwise the first `shots` items of
+the data, which are then not scored. Prompts longer than the model's context minus max_new_tokens
+lose their oldest tokens (counted in the result as `truncated_prompts`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+from megatron_bolt.data.formats import (
+    STOP_STRING,
+    encode_pieces,
+    latent_eval_pieces,
+    raw_eval_pieces,
+)
+from megatron_bolt.errors import UserError
+from megatron_bolt.evaluation.tasks import TASKS, Item, grade, load_items, toy_items
+
+FORMATS = ("latent", "raw")
+DEFAULT_TOY_ITEMS = 200
+
+
+def build_prompt(item: Item, exemplars: list[Item], fmt: str, tokenizer) -> list[int]:
+    """Token ids of one item's few-shot prompt, BOS first (training documents start with BOS)."""
+    if fmt == "latent":
+        if tokenizer.latent is None:
+            raise UserError(f"tokenizer {tokenizer.name} has no latent tokens: use --format raw")
+        pieces = latent_eval_pieces(item.question, [(e.question, e.reasoning, e.answer) for e in exemplars],
+                                    tokenizer.latent)
+    elif fmt == "raw":
+        pieces = raw_eval_pieces(item.question, [(e.question, e.solution, e.answer) for e in exemplars])
+    else:
+        raise UserError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+    return encode_pieces(pieces, tokenizer.encode, bos=tokenizer.bos_id)
+
+
+def completion_text(tokens: list[int], stop_token: int | None, tokenizer) -> str:
+    """The decoded continuation without its stop token, cut before the first stop string."""
+    body = tokens[:-1] if stop_token is not None else tokens
+    text = tokenizer.decode(body)
+    cut = text.find(STOP_STRING)
+    return text if cut < 0 else text[:cut]
+
+
+def _select_items(task, data, shots, limit, exemplars, seed) -> tuple[list[Item], list[Item], dict]:
+    """(exemplar items, scored items, what the result records about them)."""
+    info: dict = {"data": data, "skipped": 0}
+    skip_note = ""
+    if data is None:
+        if task != "toy":
+            raise UserError(f"--data is required for task {task} (only toy can generate its items)")
+        n = limit or DEFAULT_TOY_ITEMS
+        pool = toy_items(n + (0 if exemplars else shots), seed)
+        info["data"] = f"toy.world.make_eval_items(seed={seed})"
+    else:
+        loaded = load_items(data, task)
+        pool = loaded.items
+        if loaded.skipped:
+            info.update(skipped=loaded.skipped, skipped_reason=loaded.reason, skipped_first_lines=loaded.skipped_lines)
+            skip_note = (f"skipped {loaded.skipped} unusable item(s) of {data} ({loaded.reason}; "
+                         f"first lines {', '.join(map(str, loaded.skipped_lines))})")
+    if exemplars:
+        ex = load_items(exemplars, task).items
+        if len(ex) < shots:
+            raise UserError(f"{exemplars}: {len(ex)} usable exemplar(s), --shots {shots} needs {shots}")
+        shot_items, scored = ex[:shots], pool
+        info["exemplars"] = f"first {shots} item(s) of {exemplars}"
+    else:
+        if len(pool) <= shots:
+            raise UserError(f"{info['data']}: {len(pool)} usable item(s), none left to score after {shots} "
+                            f"exemplar(s)" + (f"; {skip_note}" if skip_note else ""))
+        shot_items, scored = pool[:shots], pool[shots:]
+        info["exemplars"] = f"first {shots} item(s) of the data, not scored" if shots else "none (zero-shot)"
+    if not scored:
+        raise UserError(f"{info['data']}: no usable items" + (f"; {skip_note}" if skip_note else ""))
+    if skip_note:
+        print(f"eval: {skip_note}", file=sys.stderr)
+    if limit is not None:
+        scored = scored[:limit]
+    return shot_items, scored, info
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _check_args(task, fmt, shots, limit, max_new_tokens, batch_size, model_dir) -> None:
+    if task not in TASKS:
+        raise UserError(f"unknown task {task!r} (choose from {', '.join(TASKS)})")
+    if fmt not in FORMATS:
+        raise UserError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+    for name, value, low in (("shots", shots, 0), ("max-new-tokens", max_new_tokens, 1), ("batch-size", batch_size, 1)):
+        if value < low:
+            raise UserError(f"--{name} must be at least {low}, got {value}")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be at least 1, got {limit}")
+    if not (Path(model_dir) / "config.json").is_file():
+        raise UserError(f"{model_dir}: not an HF model directory (no config.json)")
+
+
+def evaluate(
+    model_dir: str,
+    task: str,
+    data: str | None,
+    shots: int = 4,
+    limit: int | None = None,
+    out_dir: str | None = None,
+    fmt: str = "latent",
+    max_new_tokens: int = 256,
+    batch_size: int = 32,
+    exemplars: str | None = None,
+    seed: int = 0,
+) -> dict:
+    """Few-shot greedy evaluation of the HF export `model_dir` on `task` (toy, gsm8k, math).
+
+    data: a JSONL file in the task's public format; None for toy generates `limit` (default 200)
+    held-out problems with `seed`. Returns {"task", "format", "accuracy", "correct", "n", "shots",
+    "model", ...} and, with out_dir, writes out_dir/predictions.jsonl and out_dir/accuracy.json.
+    """
+    from tqdm import tqdm
+    from transformers import AutoConfig
+
+    from megatron_bolt.latents.engines.local import LocalEngine
+    from megatron_bolt.tokenizer import load_tokenizer
+
+    _check_args(task, fmt, shots, limit, max_new_tokens, batch_size, model_dir)
+    shot_items, items, info = _select_items(task, data, shots, limit, exemplars, seed)
+    tokenizer = load_tokenizer(model_dir)
+    prompts = [build_prompt(it, shot_items, fmt, tokenizer) for it in items]
+
+    # Checked on the config before the weights load, so that these errors come fast and alone.
+    config = AutoConfig.from_pretrained(model_dir)
+    top = max(max(p) for p in prompts)
+    if top >= config.vocab_size:
+        raise UserError(f"{model_dir}: token id {top} of the tokenizer is outside the model's vocabulary "
+                        f"({config.vocab_size}); was the model exported with the latent tokens?")
+    context = int(getattr(config, "max_position_embeddings", 0) or 0)
+    truncated = 0
+    if context:
+        budget = context - max_new_tokens
+        if budget < 1:
+            raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room in the model's context of {context}")
+        truncated = sum(len(p) > budget for p in prompts)
+        prompts = [p[-budget:] for p in prompts]
+    engine = LocalEngine(model_dir, max_batch_rows=batch_size)
+
+    stop_ids = [tokenizer.eos_id] + ([tokenizer.latent.sol] if tokenizer.latent is not None else [])
+    # The stop string can only have appeared in the last few tokens (each token adds >= 1 byte).
+    tail = 2 * len(STOP_STRING) + 4
+
+    def stop_check(tokens: list[int]) -> bool:
+        return STOP_STRING in tokenizer.decode(tokens[-tail:])
+
+    # Longest first, in batches of similar length: less padding, and the slowest batch shows early.
+    order = sorted(range(len(items)), key=lambda i: -len(prompts[i]))
+    rows: list[dict | None] = [None] * len(items)
+    bar = tqdm(total=len(items), unit="item", file=sys.stderr, desc=f"eval {task}", dynamic_ncols=True)
+    for k in range(0, len(order), batch_size):
+        idx = order[k : k + batch_size]
+        results = engine.generate_greedy([prompts[i] for i in idx], max_new_tokens, stop_ids, stop_check)
+        for i, r in zip(idx, results):
+            text = completion_text(r.tokens, r.stop_token, tokenizer)
+            extracted, correct = grade(task, text, items[i].answer)
+            it = items[i]
+            rows[i] = {"index": it.index, "line": it.line, "question": it.question, "answer": it.answer,
+                       "generation": text, "extracted": extracted, "correct": bool(correct)}
+        bar.update(len(idx))
+    bar.close()
+
+    n = len(rows)
+    correct = sum(r["correct"] for r in rows)  # type: ignore[index]
+    result = {
+        "task": task, "format": fmt, "accuracy": correct / n, "correct": correct, "n": n, "shots": shots,
+        "model": str(model_dir), **info, "limit": limit, "max_new_tokens": max_new_tokens, "seed": seed,
+        "truncated_prompts": truncated,
+    }
+    if out_dir is not None:
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        _write_atomic(out / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+        _write_atomic(out / "accuracy.json", json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def summary_line(result: dict) -> str:
+    return (f"eval {result['task']} ({result['format']}, {result['shots']}-shot): "
+            f"accuracy {result['accuracy']:.3f} ({result['correct']}/{result['n']})")
