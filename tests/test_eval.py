@@ -190,6 +190,9 @@ def test_math_grader_and_items(tmp_path):
     assert grade("math", "Final Answer: $\\boxed{\\frac{\\sqrt{2}}{2}}$.", "\\frac{1}{\\sqrt{2}}")[1]
     assert not grade("math", "Final Answer: \\frac{\\sqrt{3}}{2}", "\\frac{1}{\\sqrt{2}}")[1]
     assert grade("math", "no answer here", "1") == (None, False)
+    # `\$` is a dollar sign, not a math delimiter
+    assert grade("math", "Final Answer: \\$18.90", "\\$18.90")[1]
+    assert not grade("math", "Final Answer: \\$18.80", "\\$18.90")[1]
     f = tmp_path / "math.jsonl"
     write_jsonl(f, [{"problem": "P?", "solution": sol}, {"question": "Q?", "answer": "It is $\\boxed{3}$."}])
     a, b = load_items(str(f), "math").items

@@ -32,6 +32,7 @@ _ANSWER_NUMBER = re.compile(r"Final Answer:\s*\$?\s*(-?[\d,]*\.?\d+)")
 _ANSWER_LINE = re.compile(r"Final Answer:[ \t]*([^\n]*)")
 _CALCULATOR = re.compile(r"<<[^<>]*>>")
 _MIRROR_TAIL = re.compile(r"\s*The answer is:[^\n]*\s*$")
+_MATH_DELIMITER = re.compile(r"(?<!\\)\$")  # an unescaped `$` (`\$` is a dollar sign)
 
 
 @dataclass(frozen=True)
@@ -202,7 +203,7 @@ def math_equal(reference: str, answer: str) -> bool:
     timeout = 5 if threading.current_thread() is threading.main_thread() else None
 
     def parsed(text: str):
-        wrapped = text if ("$" in text or "\\boxed" in text) else f"${text}$"
+        wrapped = text if (_MATH_DELIMITER.search(text) or "\\boxed" in text) else f"${text}$"
         return parse(wrapped, parsing_timeout=timeout) or parse(text, parsing_timeout=timeout)
 
     gold, pred = parsed(reference), parsed(answer)
