@@ -14,6 +14,9 @@ the result equals the sequential computation (`ponder_generate`). J is drawn fro
 `model.jacobi_iters` in training (a hash of the seed and the micro-batch tokens, so every TP rank
 draws the same J, a resumed run redraws what it drew before, and DP ranks agree with DP = 1) and is
 `model.eval_jacobi_iters` in eval mode.
+
+At PP > 1 each pass traverses the pipeline stages point to point (`ponder_pipeline`, which also
+holds the training schedule for that case); TP and DP work as for the vanilla model.
 """
 
 from __future__ import annotations

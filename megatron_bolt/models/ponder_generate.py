@@ -124,7 +124,7 @@ def prefill(model, tokens: torch.Tensor, vocab_size: int, jacobi_iters: int | No
         return cache, _full_logits(model, hidden, vocab_size)
     iters = model.eval_jacobi if jacobi_iters is None else jacobi_iters
     jacobi = model.jacobi_hidden(emb, positions, iters)
-    latents = jacobi.view(T, K + 1, *jacobi.shape[1:])[:, :K]
+    latents = model.next_latents(jacobi, T)
     hidden = cached_decoder(model, model.interleave(emb, latents), _rotary(model, positions.repeat_interleave(K + 1)),
                             cache)
     return cache, _full_logits(model, hidden, vocab_size)
