@@ -65,7 +65,7 @@ class _Recv(torch.autograd.Function):
         return grad_link, None, None, None, None
 
 
-class _Link:
+class _P2PChain:
     """This rank's chain of differentiable point-to-point ops over the pipeline group."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype):
@@ -96,24 +96,24 @@ def pipelined_jacobi_hidden(
     first_rank = parallel_state.get_pipeline_model_parallel_first_rank()
     last_rank = parallel_state.get_pipeline_model_parallel_last_rank()
     rotary_tokens, rotary_slots = model.pass_rotary(positions)
-    link = _Link(positions.device, model.config.pipeline_dtype)
+    chain = _P2PChain(positions.device, model.config.pipeline_dtype)
     slots = [T] + [T * (model.latents + 1)] * (iters + 1)  # sequence length of each pass
     out = None
     for p, length in enumerate(slots):
         if first and p == 0:
             x = emb
         elif first:
-            previous = link.recv((slots[p - 1], batch, h), last_rank)
+            previous = chain.recv((slots[p - 1], batch, h), last_rank)
             x = model.interleave(emb, model.next_latents(previous, T))
         else:
-            x = link.recv((length, batch, h), parallel_state.get_pipeline_model_parallel_prev_rank())
+            x = chain.recv((length, batch, h), parallel_state.get_pipeline_model_parallel_prev_rank())
         model.decoder.set_input_tensor(x)  # what a non-first stage's decoder reads instead of hidden_states
         out = model.decoder(hidden_states=x, attention_mask=None, rotary_pos_emb=rotary_tokens if p == 0 else rotary_slots)
         if not last:
-            link.send(out, parallel_state.get_pipeline_model_parallel_next_rank())
+            chain.send(out, parallel_state.get_pipeline_model_parallel_next_rank())
         elif p < len(slots) - 1:
-            link.send(out, first_rank)  # the next pass's latents
-    return out, link.link
+            chain.send(out, first_rank)  # the next pass's latents
+    return out, chain.link
 
 
 def forward_backward(
