@@ -51,6 +51,16 @@ def latent_document(tok, seed: int) -> list[int]:
     return ids + tok.encode(last[1]) + [tok.latent.eol] + tok.encode(f" Final Answer: {last[2]}") + [tok.eos_id]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread, as the subprocesses get (OMP_NUM_THREADS=1): on the shared 2-core
+    machine more threads made these tiny models ~10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def random_dir(tmp_path_factory):
     return tiny_model_with_tokenizer(tmp_path_factory.mktemp("eval") / "hf")

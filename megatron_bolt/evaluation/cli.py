@@ -12,7 +12,6 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.formatter_class = argparse.ArgumentDefaultsHelpFormatter
     p.epilog = (
         "Exemplars are the first N items of --exemplars, or else the first N items of --data, which are then "
         "not scored. Writes DIR/predictions.jsonl (per item: index, line, question, answer, generation, "
@@ -25,15 +24,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=None,
                    help="JSONL in the task's format; for --task toy it may be omitted: held-out problems are generated")
     p.add_argument("--format", dest="fmt", default="latent", choices=("latent", "raw"),
-                   help="latent: reasoning inside SoL PRIOR ... EoL; raw: plain text, no special tokens")
-    p.add_argument("--shots", type=int, default=4, help="number of exemplars in each prompt")
+                   help="latent (default): reasoning inside SoL PRIOR ... EoL; raw: plain text, no special tokens")
+    p.add_argument("--shots", type=int, default=4, help="number of exemplars in each prompt (default 4)")
     p.add_argument("--exemplars", default=None, help="JSONL (same format as --data) to take the exemplars from")
     p.add_argument("--limit", type=int, default=None,
                    help="score at most N items (toy without --data: generate N, default 200)")
     p.add_argument("--out", default=None, help="directory for predictions.jsonl and accuracy.json")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="generation budget per item")
-    p.add_argument("--batch-size", type=int, default=32, help="prompts decoded together")
-    p.add_argument("--seed", type=int, default=0, help="seed of the generated toy items")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="generation budget per item (default 256)")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts decoded together (default 32)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated toy items (default 0)")
 
 
 def run(args: argparse.Namespace) -> int:
