@@ -158,8 +158,15 @@ class EMDriver:
             args += ["--latents", str(latents)]
         self.bolt(stage, f"merge-{prefix.name}", args)
 
-    def train(self, stage: Stage, prefixes: list[Path], start: Stage | None) -> None:
+    def train(self, stage: Stage, prefixes: list[Path], start: Stage | None, budget: int = 1) -> None:
+        """Train on the blend of `prefixes`, from `start`'s weights (or train_config's start), for
+        `budget` times train_config's steps."""
+        from megatron_bolt.config import load_config
         from megatron_bolt.tokenizer import load_tokenizer
+
+        config = self.cfg.train_config
+        if not Path(config).is_file() and (self.repo / config).is_file():
+            config = str(self.repo / config)
 
         blend = []
         for p in prefixes:  # Megatron blend weights: each dataset in proportion to its size
@@ -172,10 +179,10 @@ class EMDriver:
         ]
         if start is not None:  # restart = continue: weights of the previous model, fresh optimizer
             overrides += [f"checkpoint.load={start.checkpoints}", "checkpoint.finetune=true"]
-        config = self.cfg.train_config
-        if not Path(config).is_file() and (self.repo / config).is_file():
-            config = str(self.repo / config)
-        self.bolt(stage, "train", ["train", config, *overrides, *self.cfg.train_overrides,
+        if budget != 1:
+            steps = load_config(config, self.cfg.train_overrides).train.steps
+            overrides.append(f"train.steps={budget * steps}")
+        self.bolt(stage, "train", ["train", config, *self.cfg.train_overrides, *overrides,
                                    "--nproc-per-node", str(self.cfg.nproc_per_node)])
 
     def export(self, stage: Stage) -> None:
@@ -218,7 +225,9 @@ class EMDriver:
             raw = Stage(self.root, "raw")
             self.merge(raw, self.chunks("warm"), None, raw.dir / "data" / "warm")
             self.merge(raw, self.chunks("rest"), None, raw.dir / "data" / "rest")
-            self.train(raw, [raw.dir / "data" / "warm", raw.dir / "data" / "rest"], None)
+            # Equal compute: with restart=continue the last model has trained warm start + every iteration.
+            budget = 1 + cfg.iterations if cfg.restart == "continue" else 1
+            self.train(raw, [raw.dir / "data" / "warm", raw.dir / "data" / "rest"], None, budget)
             self.finish(raw, fmt="raw")
             stages.append(("raw", raw))
 

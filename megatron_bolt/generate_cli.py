@@ -33,21 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def read_prompts(path: str) -> list[list[int]]:
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                tokens = json.loads(line)["tokens"]
-            except (ValueError, KeyError, TypeError):
-                raise UserError(f"{path}:{lineno}: expected a JSON object with a 'tokens' list") from None
-            if not isinstance(tokens, list) or not tokens or not all(
-                isinstance(t, int) and not isinstance(t, bool) for t in tokens
-            ):
-                raise UserError(f"{path}:{lineno}: field 'tokens' must be a non-empty list of integers")
-            out.append(tokens)
-    return out
+    from megatron_bolt.training.score import read_token_lines
+
+    return read_token_lines(path, min_tokens=1, purpose="generate from")
 
 
 def generate_file(args: argparse.Namespace) -> int:

@@ -96,9 +96,15 @@ def build_gpt(
     vp_stage: int | None = None,
 ) -> GPTModel:
     """One pipeline stage of the model (the whole model when pp == 1)."""
-    config = transformer_config(model, parallel, bf16)
-    return GPTModel(
-        config=config,
+    return GPTModel(**gpt_model_kwargs(model, parallel, pre_process, post_process, bf16), vp_stage=vp_stage)
+
+
+def gpt_model_kwargs(
+    model: ModelConfig, parallel: ParallelConfig, pre_process: bool, post_process: bool, bf16: bool
+) -> dict:
+    """GPTModel's constructor arguments for a Llama-style stage (shared by the ponder model)."""
+    return dict(
+        config=transformer_config(model, parallel, bf16),
         transformer_layer_spec=layer_spec(model),
         vocab_size=model.padded_vocab_size(parallel.tp),
         max_sequence_length=model.seq_len,
@@ -108,5 +114,4 @@ def build_gpt(
         position_embedding_type="rope",
         rotary_base=int(model.rope_base),
         parallel_output=True,
-        vp_stage=vp_stage,
     )

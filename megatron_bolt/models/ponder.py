@@ -29,7 +29,7 @@ from megatron.core.models.gpt import GPTModel
 
 from megatron_bolt.config import ModelConfig, ParallelConfig
 from megatron_bolt.errors import UserError
-from megatron_bolt.models.gpt import layer_spec, transformer_config
+from megatron_bolt.models.gpt import gpt_model_kwargs
 
 
 class PonderGPTModel(GPTModel):
@@ -145,17 +145,4 @@ def build_ponder(
     """One pipeline stage of the ponder model (the whole model when pp == 1)."""
     if parallel.sequence_parallel and parallel.tp > 1:
         raise UserError("model.type=ponder does not support parallel.sequence_parallel")
-    return PonderGPTModel(
-        config=transformer_config(model, parallel, bf16),
-        transformer_layer_spec=layer_spec(model),
-        vocab_size=model.padded_vocab_size(parallel.tp),
-        max_sequence_length=model.seq_len,
-        pre_process=pre_process,
-        post_process=post_process,
-        share_embeddings_and_output_weights=model.tie_embeddings,
-        position_embedding_type="rope",
-        rotary_base=int(model.rope_base),
-        parallel_output=True,
-        ponder=model,
-        seed=seed,
-    )
+    return PonderGPTModel(**gpt_model_kwargs(model, parallel, pre_process, post_process, bf16), ponder=model, seed=seed)

@@ -21,7 +21,7 @@ from megatron_bolt.errors import UserError
 from megatron_bolt.training import checkpoint as ckpt
 
 
-def read_token_lines(path: str | Path) -> list[list[int]]:
+def read_token_lines(path: str | Path, min_tokens: int = 2, purpose: str = "score") -> list[list[int]]:
     """`{"tokens": [...]}` per line; a bad line is an error naming file:line."""
     out = []
     with open(path, encoding="utf-8") as f:
@@ -34,8 +34,8 @@ def read_token_lines(path: str | Path) -> list[list[int]]:
                 raise UserError(f"{path}:{lineno}: expected a JSON object with a 'tokens' list") from None
             if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
                 raise UserError(f"{path}:{lineno}: field 'tokens' must be a list of integers")
-            if len(tokens) < 2:
-                raise UserError(f"{path}:{lineno}: need at least 2 tokens to score, got {len(tokens)}")
+            if len(tokens) < min_tokens:
+                raise UserError(f"{path}:{lineno}: need at least {min_tokens} token(s) to {purpose}, got {len(tokens)}")
             out.append(tokens)
     return out
 
