@@ -267,7 +267,10 @@ def test_evaluate_gsm8k_skips_unusable_and_uses_exemplar_file(random_dir, tmp_pa
     assert (res["n"], res["skipped"], res["skipped_first_lines"]) == (3, 1, [2])
     assert "skipped 1 unusable item(s)" in capsys.readouterr().err
     res = evaluate(random_dir, "gsm8k", str(data), shots=1, fmt="raw", max_new_tokens=4)
-    assert res["n"] == 2 and "not scored" in res["exemplars"]
+    assert res["n"] == 2 and "not scored" in res["exemplars"] and res["truncated_prompts"] == 0
+    # prompts that do not fit the context (512) with the generation budget lose their oldest tokens
+    res = evaluate(random_dir, "gsm8k", str(data), shots=1, fmt="raw", max_new_tokens=505, limit=1)
+    assert res["truncated_prompts"] == 1 and "1 prompt(s) longer than" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------- bad input

@@ -154,6 +154,9 @@ def evaluate(
             raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room in the model's context of {context}")
         truncated = sum(len(p) > budget for p in prompts)
         prompts = [p[-budget:] for p in prompts]
+        if truncated:
+            print(f"eval: {truncated} prompt(s) longer than the model's context ({context}) less --max-new-tokens "
+                  f"({max_new_tokens}) lost their oldest tokens; fewer --shots would keep them whole", file=sys.stderr)
     engine = LocalEngine(model_dir, max_batch_rows=batch_size)
 
     stop_ids = [tokenizer.eos_id] + ([tokenizer.latent.sol] if tokenizer.latent is not None else [])
