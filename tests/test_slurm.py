@@ -1,0 +1,188 @@
+"""The sbatch scripts of slurm/ on a real SLURM: a one-node cluster on loopback started for this module.
+
+slurm/testing/local_cluster.sh installs Debian's slurm-wlm and munge when missing (CI is root on a
+fresh Debian machine), starts munged, slurmctld and slurmd under a temporary directory with free
+ports, and stops exactly those daemons at the end. If SLURM cannot be started the tests fail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import REPO, TINY_CONFIG, bolt, free_port
+
+CLUSTER = REPO / "slurm" / "testing" / "local_cluster.sh"
+EM = REPO / "slurm" / "em.sh"
+STEPS, SAVE_INTERVAL = 80, 10
+TRAIN_OVERRIDES = [
+    "model.seq_len=64", f"train.steps={STEPS}", "train.micro_batch=2", "train.global_batch=4",
+    f"checkpoint.save_interval={SAVE_INTERVAL}", "train.log_interval=1",
+]
+# Small jobs: the test cluster's node declares 16 CPUs on a 2-core machine.
+SBATCH = {
+    "TRAIN_SBATCH": "--ntasks-per-node=2 --gpus-per-node=0 --cpus-per-task=1 --time=15",
+    "FLEET_SBATCH": "--ntasks-per-node=2 --gpus-per-node=0 --cpus-per-task=1 --time=15",
+    "ESTEP_SBATCH": "--cpus-per-task=1 --time=15",
+    "STEP_SBATCH": "--cpus-per-task=1 --time=15",
+}
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    d = tmp_path_factory.mktemp("slurm") / "cluster"
+    proc = subprocess.run([str(CLUSTER), "start", str(d), "16"], capture_output=True, text=True, timeout=900)
+    env = {
+        **os.environ, "SLURM_CONF": str(d / "slurm.conf"), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+        "PATH": f"{REPO / '.venv' / 'bin'}:{os.environ.get('PATH', '')}",
+    }
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    try:
+        if proc.returncode != 0:
+            pytest.fail(f"could not start SLURM ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+        yield env
+    finally:
+        if (d / "slurm.conf").exists():
+            subprocess.run([str(CLUSTER), "stop", str(d)], timeout=120)
+
+
+def slurm(env: dict, *cmd: str) -> str:
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, check=True, timeout=60).stdout
+
+
+def job_fields(env: dict, job: str) -> list[dict[str, str]]:
+    """`scontrol -o show job` as dicts, one per job (an array gives one per task)."""
+    out = slurm(env, "scontrol", "-o", "show", "job", job)
+    return [dict(re.findall(r"(\w+)=(\S*)", line)) for line in out.splitlines() if line.strip()]
+
+
+def wait_for(predicate, timeout: float, what: str, every: float = 0.5):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s: {what}")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    """Toy documents, a small BPE, a chunk store and a 3-step starting checkpoint, from scratch."""
+    from megatron_bolt.toy.world import make_documents, write_jsonl
+
+    d = tmp_path_factory.mktemp("run")
+    write_jsonl(d / "docs.jsonl", [{"text": t} for t in make_documents(12, seed=3)])
+    bolt("tokenizer", "train", "--input", str(d / "docs.jsonl"), "--vocab-size", "320", "--out", str(d / "tok"))
+    bolt("preprocess", "--input", str(d / "docs.jsonl"), "--tokenizer-model", str(d / "tok"),
+         "--output-prefix", str(d / "data" / "corpus"), "--chunk-store", str(d / "data" / "chunks.zarr"), "--no-progress")
+    from megatron_bolt.tokenizer import load_tokenizer
+
+    vocab = load_tokenizer(str(d / "tok")).vocab_size
+    bolt("train", str(TINY_CONFIG), f"data.prefixes=[{d / 'data' / 'corpus_text_document'}]",
+         f"model.vocab_size={vocab}", "model.seq_len=64", "train.steps=3",
+         f"output_dir={d / 'start'}", f"checkpoint.dir={d / 'start' / 'checkpoints'}")
+    return d
+
+
+def em_args(run: Path) -> list[str]:
+    from megatron_bolt.tokenizer import load_tokenizer
+
+    vocab = load_tokenizer(str(run / "tok")).vocab_size  # the model's vocabulary is the tokenizer's
+    return [
+        str(EM), "--run-dir", str(run), "--config", str(TINY_CONFIG), "--start-ckpt", "start/checkpoints",
+        "--tokenizer", "tok", "--chunks", "data/chunks.zarr", "--samples", "2", "--shards", "2",
+        "--estep-args", "--block-size 4 --max-latent-tokens 8 --prefix-chunks 1",
+        "--", f"model.vocab_size={vocab}", *TRAIN_OVERRIDES,
+    ]
+
+
+def test_em_iteration_through_slurm_with_a_requeued_training_job(cluster, run_dir):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_bolt.latents.store import LatentStore
+
+    env = {**cluster, **SBATCH, "FLEET_ENGINE": "bolt", "FLEET_PORT": str(free_port())}
+    dry = subprocess.run([str(EM), "--dry-run", *em_args(run_dir)[1:]], env=env, capture_output=True, text=True, timeout=60)
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.count("sbatch --parsable") == 6 and "--dependency=afterok:\\<iter1-merge\\>" in dry.stdout
+    assert not slurm(env, "squeue", "-h").strip(), "--dry-run submitted jobs"
+
+    out = subprocess.run(em_args(run_dir), env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    jobs = dict(line.split() for line in out.stdout.splitlines())
+    assert list(jobs) == [f"iter1-{s}" for s in ("export", "fleet", "estep", "stop", "merge", "train")]
+    train = jobs["iter1-train"]
+    ckpt = run_dir / "iter1" / "checkpoints"
+    latest = ckpt / "latest_checkpointed_iteration.txt"
+
+    def no_failure():
+        for name, job in jobs.items():
+            for f in job_fields(env, job):
+                bad = f["JobState"] not in ("PENDING", "RUNNING", "COMPLETING", "COMPLETED", "CONFIGURING")
+                assert not bad, f"{name} ({f['JobId']}) is {f['JobState']}; see {run_dir / 'logs'}"
+
+    # Preempt the training job once it has saved a checkpoint, while it is still running.
+    def saved_while_running():
+        no_failure()
+        state = job_fields(env, train)[0]["JobState"]
+        assert state in ("PENDING", "RUNNING"), f"training job is {state} before it could be requeued; logs: {run_dir / 'logs'}"
+        return state == "RUNNING" and latest.exists() and int(latest.read_text()) >= SAVE_INTERVAL
+    wait_for(saved_while_running, 600, "a checkpoint of the training job", every=0.2)
+    saved = int(latest.read_text())
+    assert saved < STEPS, "training finished before the requeue; make it longer"
+    slurm(env, "scontrol", "requeue", train)
+    # a requeued job waits for a begin time a little later; start it now to keep the test short
+    wait_for(lambda: job_fields(env, train)[0]["JobState"] == "PENDING", 60, "the requeued job to be pending")
+    slurm(env, "scontrol", "update", f"JobId={train}", "StartTime=now")
+
+    wait_for(lambda: no_failure() or not slurm(env, "squeue", "-h").strip(), 600, "all jobs to finish", every=1)
+    for name, job in jobs.items():
+        for fields in job_fields(env, job):
+            assert fields["JobState"] == "COMPLETED", f"{name} ({fields['JobId']}) is {fields['JobState']}; see {run_dir / 'logs'}"
+    estep_tasks = job_fields(env, jobs["iter1-estep"])
+    assert sorted(f["ArrayTaskId"] for f in estep_tasks) == ["0", "1"]
+    assert job_fields(env, train)[0]["Restarts"] == "1"
+
+    # outputs: a complete latent store, merged binaries Megatron reads, the trained checkpoint
+    store = LatentStore.open(str(run_dir / "iter1" / "latents.zarr"), mode="r")
+    assert store.blocks_done() == set(range(store.num_blocks)) and store.num_blocks >= 2
+    merged = IndexedDataset(str(run_dir / "iter1" / "data" / "ltm_text_document"))
+    assert len(merged) == 12
+    assert int(latest.read_text()) == STEPS
+    steps = [json.loads(line)["step"] for line in (run_dir / "iter1" / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, STEPS + 1))
+    log = (run_dir / "logs" / f"bolt-train-{train}.out").read_text()
+    resumed = [int(s) for s in re.findall(r"resumed from \S+ at step (\d+)", log)]
+    assert len(resumed) == 1 and saved <= resumed[0] < STEPS, log[-3000:]
+    assert "loaded weights from start/checkpoints" in log  # the first run started from the previous model
+    assert (run_dir / "iter1" / "model_hf" / "config.json").exists()
+    fleet_log = (run_dir / "logs" / f"bolt-fleet-{jobs['iter1-fleet']}.out").read_text()
+    assert "fleet stopped" in fleet_log and not (run_dir / "iter1" / "router_url").exists()
+
+
+def test_missing_variable_is_one_clear_error(cluster, tmp_path):
+    proc = subprocess.run(
+        ["sbatch", "--parsable", f"--chdir={tmp_path}", "--array=0-0", "--cpus-per-task=1", "--output=%x-%a.out",
+         str(REPO / "slurm" / "estep.sbatch")],
+        env={**cluster, "MODEL": "", "CHUNKS": "c.zarr"}, capture_output=True, text=True, timeout=60, check=True,
+    )
+    job = proc.stdout.strip().split(";")[0]
+    wait_for(lambda: job_fields(cluster, job)[0]["JobState"] not in ("PENDING", "RUNNING", "COMPLETING"), 120,
+             "the job to end")
+    assert job_fields(cluster, job)[0]["JobState"] == "FAILED"
+    assert "error: estep.sbatch: variable MODEL is not set" in (tmp_path / "bolt-estep-0.out").read_text()
+
+
+def test_em_sh_rejects_missing_arguments(tmp_path):
+    proc = subprocess.run([str(EM), "--run-dir", str(tmp_path)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: em.sh: --config is required (see --help)"
+    proc = subprocess.run([str(EM), "--run-dir", str(tmp_path), "--config", "missing.yaml", "--start-ckpt", "c",
+                           "--chunks", "x", "--samples", "2"], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "training config not found: missing.yaml" in proc.stderr
