@@ -48,7 +48,7 @@ def latent_document(tok, seed: int) -> list[int]:
     items = make_eval_items(5, seed)
     *first, last = [(r["question"], r["working"], r["answer"]) for r in items]
     ids = encode_pieces(latent_eval_pieces(last[0], first, tok.latent), tok.encode, bos=tok.bos_id)
-    return ids + tok.encode(last[1]) + [tok.latent.eol] + tok.encode(f" Final Answer: {last[2]}") + [tok.eos_id]
+    return ids + tok.encode(last[1]) + [tok.latent.eol] + tok.encode(f"\n\nFinal Answer: {last[2]}") + [tok.eos_id]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -102,19 +102,19 @@ def test_latent_prompt_layout(random_dir):
     lat = tok.latent
     got = build_prompt(QUERY, EXEMPLARS, "latent", tok)
     want = (
-        [tok.bos_id, *tok.encode("Problem:\n3 + 4 * 2\n"), lat.sol, lat.prior, *tok.encode("3 + 4 * 2 = 7 * 2 = 4."),
-         lat.eol, *tok.encode(" Final Answer: 4\n\nProblem:\n9 - 5 - 7\n"), lat.sol, lat.prior,
-         *tok.encode("9 - 5 - 7 = 4 - 7 = 7."), lat.eol, *tok.encode(" Final Answer: 7\n\nProblem:\n6 * 6 + 1\n"),
+        [tok.bos_id, *tok.encode("Problem:\n3 + 4 * 2"), lat.sol, lat.prior, *tok.encode("3 + 4 * 2 = 7 * 2 = 4."),
+         lat.eol, *tok.encode("\n\nFinal Answer: 4\n\nProblem:\n9 - 5 - 7"), lat.sol, lat.prior,
+         *tok.encode("9 - 5 - 7 = 4 - 7 = 7."), lat.eol, *tok.encode("\n\nFinal Answer: 7\n\nProblem:\n6 * 6 + 1"),
          lat.sol, lat.prior]
     )
     assert got == want
     assert tok.decode(got) == (
-        "<s>Problem:\n3 + 4 * 2\n<|START_OF_LATENT|><|PRIOR_PREFIX|>3 + 4 * 2 = 7 * 2 = 4.<|END_OF_LATENT|>"
-        " Final Answer: 4\n\nProblem:\n9 - 5 - 7\n<|START_OF_LATENT|><|PRIOR_PREFIX|>9 - 5 - 7 = 4 - 7 = 7."
-        "<|END_OF_LATENT|> Final Answer: 7\n\nProblem:\n6 * 6 + 1\n<|START_OF_LATENT|><|PRIOR_PREFIX|>"
+        "<s>Problem:\n3 + 4 * 2<|START_OF_LATENT|><|PRIOR_PREFIX|>3 + 4 * 2 = 7 * 2 = 4.<|END_OF_LATENT|>"
+        "\n\nFinal Answer: 4\n\nProblem:\n9 - 5 - 7<|START_OF_LATENT|><|PRIOR_PREFIX|>9 - 5 - 7 = 4 - 7 = 7."
+        "<|END_OF_LATENT|>\n\nFinal Answer: 7\n\nProblem:\n6 * 6 + 1<|START_OF_LATENT|><|PRIOR_PREFIX|>"
     )
     # zero-shot: just the problem and the opening of the latent
-    assert build_prompt(QUERY, [], "latent", tok) == [tok.bos_id, *tok.encode("Problem:\n6 * 6 + 1\n"), lat.sol, lat.prior]
+    assert build_prompt(QUERY, [], "latent", tok) == [tok.bos_id, *tok.encode("Problem:\n6 * 6 + 1"), lat.sol, lat.prior]
 
 
 def test_raw_prompt_layout(random_dir):
@@ -249,7 +249,7 @@ def test_evaluate_latent_generated_toy(trained_dir, tmp_path):
     assert json.loads((tmp_path / "accuracy.json").read_text()) == res
     # the model writes a latent, closes it and answers (not always, after 100 steps), and the text
     # stops before the next problem
-    assert any("<|END_OF_LATENT|> Final Answer:" in r["generation"] for r in rows)
+    assert any("<|END_OF_LATENT|>\n\nFinal Answer:" in r["generation"] for r in rows)
     assert all("Problem:" not in r["generation"] and "<|START_OF_LATENT|>" not in r["generation"] for r in rows)
 
 

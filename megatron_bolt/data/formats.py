@@ -200,14 +200,23 @@ def problem_header(question: str) -> str:
     return f"Problem:\n{question}\n"
 
 
+# Where the latent goes: method.md writes the prompt `Problem:\n{q}\n SoL PRIOR`. Our chunker gives
+# the whitespace between two sentences to the *next* chunk, so in training a latent always follows
+# the question's last character and the newlines come after EoL. The prompt puts the latent in that
+# same place (`Problem:\n{q}` SoL PRIOR ... EoL `\n\nFinal Answer: ...`); with the newline before SoL
+# a small model does not recognise the spot where it learned to think.
+LATENT_ANSWER_PREFIX = "\n\nFinal Answer: "
+
+
 def latent_eval_pieces(question: str, exemplars: Sequence[tuple[str, str, str]], ids: LatentIds) -> list[str | int]:
-    """`Problem:\\n{q}\\n SoL PRIOR` after exemplars `Problem:\\n{q}\\n SoL PRIOR {reasoning} EoL
-     Final Answer: {a}` (each exemplar a (question, reasoning, answer) triple), separated by blank
-    lines. The model continues with its own latent, EoL and the answer."""
+    """`Problem:\n{q}` SoL PRIOR after exemplars `Problem:\n{q}` SoL PRIOR {reasoning} EoL
+    `\n\nFinal Answer: {a}` (each exemplar a (question, reasoning, answer) triple), separated by
+    blank lines. The model continues with its own latent, EoL and the answer."""
     pieces: list[str | int] = []
     for q, reasoning, answer in exemplars:
-        pieces += [problem_header(q), ids.sol, ids.prior, reasoning, ids.eol, f" Final Answer: {answer}", EXEMPLAR_SEPARATOR]
-    return [*pieces, problem_header(question), ids.sol, ids.prior]
+        pieces += [problem_header(q).rstrip(), ids.sol, ids.prior, reasoning, ids.eol,
+                   f"{LATENT_ANSWER_PREFIX}{answer}", EXEMPLAR_SEPARATOR]
+    return [*pieces, problem_header(question).rstrip(), ids.sol, ids.prior]
 
 
 def raw_exemplar_text(question: str, solution: str, answer: str) -> str:
