@@ -51,6 +51,9 @@ done
 for name in run_dir config start_ckpt chunks samples; do
     [[ -n ${!name} ]] || die "--${name//_/-} is required (see --help)"
 done
+for item in "${overrides[@]}"; do
+    [[ $item == *=* ]] || die "arguments after -- are training overrides key=value, not '$item' (options go before --)"
+done
 for name in iterations first shards samples; do
     [[ ${!name} =~ ^[1-9][0-9]*$ ]] || die "--${name//_/-} must be a positive integer, not '${!name}'"
 done

@@ -128,18 +128,23 @@ def test_em_iteration_through_slurm_with_a_requeued_training_job(cluster, run_di
                 bad = f["JobState"] not in ("PENDING", "RUNNING", "COMPLETING", "COMPLETED", "CONFIGURING")
                 assert not bad, f"{name} ({f['JobId']}) is {f['JobState']}; see {run_dir / 'logs'}"
 
-    # Preempt the training job once it has saved a checkpoint, while it is still running.
-    def saved_while_running():
-        no_failure()
-        state = job_fields(env, train)[0]["JobState"]
-        assert state in ("PENDING", "RUNNING"), f"training job is {state} before it could be requeued; logs: {run_dir / 'logs'}"
-        return state == "RUNNING" and latest.exists() and int(latest.read_text()) >= SAVE_INTERVAL
-    wait_for(saved_while_running, 600, "a checkpoint of the training job", every=0.2)
+    # Preempt the training job once it has saved a checkpoint. It is suspended first, the moment the
+    # checkpoint appears, so that the requeue lands mid-run however fast this machine trains.
+    polls = 0
+    while not (latest.exists() and latest.read_text().strip()):
+        if polls % 40 == 0:
+            no_failure()
+            assert job_fields(env, train)[0]["JobState"] in ("PENDING", "RUNNING"), "training ended without a checkpoint"
+        polls += 1
+        assert polls < 12000, "no training checkpoint after 10 minutes"
+        time.sleep(0.05)
+    slurm(env, "scontrol", "suspend", train)
     saved = int(latest.read_text())
-    assert saved < STEPS, "training finished before the requeue; make it longer"
-    slurm(env, "scontrol", "requeue", train)
-    # a requeued job waits for a begin time a little later; start it now to keep the test short
+    assert SAVE_INTERVAL <= saved < STEPS
+    slurm(env, "scontrol", "requeue", train)  # a suspended job is requeued held: release it
     wait_for(lambda: job_fields(env, train)[0]["JobState"] == "PENDING", 60, "the requeued job to be pending")
+    slurm(env, "scontrol", "release", train)
+    # a requeued job waits for a begin time a little later; start it now to keep the test short
     slurm(env, "scontrol", "update", f"JobId={train}", "StartTime=now")
 
     wait_for(lambda: no_failure() or not slurm(env, "squeue", "-h").strip(), 600, "all jobs to finish", every=1)
