@@ -128,8 +128,9 @@ def test_em_iteration_through_slurm_with_a_requeued_training_job(cluster, run_di
                 bad = f["JobState"] not in ("PENDING", "RUNNING", "COMPLETING", "COMPLETED", "CONFIGURING")
                 assert not bad, f"{name} ({f['JobId']}) is {f['JobState']}; see {run_dir / 'logs'}"
 
-    # Preempt the training job once it has saved a checkpoint. It is suspended first, the moment the
-    # checkpoint appears, so that the requeue lands mid-run however fast this machine trains.
+    # Preempt the running training job once it has saved a checkpoint. It is frozen (suspend) the
+    # moment the checkpoint appears so that the check below holds however fast this machine trains,
+    # then resumed and requeued at once, far from its last step.
     polls = 0
     while not (latest.exists() and latest.read_text().strip()):
         if polls % 40 == 0:
@@ -140,10 +141,11 @@ def test_em_iteration_through_slurm_with_a_requeued_training_job(cluster, run_di
         time.sleep(0.05)
     slurm(env, "scontrol", "suspend", train)
     saved = int(latest.read_text())
-    assert SAVE_INTERVAL <= saved < STEPS
-    slurm(env, "scontrol", "requeue", train)  # a suspended job is requeued held: release it
+    assert SAVE_INTERVAL <= saved <= STEPS - 4 * SAVE_INTERVAL
+    slurm(env, "scontrol", "resume", train)
+    assert job_fields(env, train)[0]["JobState"] == "RUNNING"
+    slurm(env, "scontrol", "requeue", train)
     wait_for(lambda: job_fields(env, train)[0]["JobState"] == "PENDING", 60, "the requeued job to be pending")
-    slurm(env, "scontrol", "release", train)
     # a requeued job waits for a begin time a little later; start it now to keep the test short
     slurm(env, "scontrol", "update", f"JobId={train}", "StartTime=now")
 

@@ -52,8 +52,6 @@ start() {
     chmod 700 "$dir/munge"
     head -c 1024 /dev/urandom >"$dir/munge/munge.key"
     chmod 400 "$dir/munge/munge.key"
-    munged --force --key-file="$dir/munge/munge.key" --socket="$dir/munge/munge.socket" \
-        --pid-file="$dir/munge/munged.pid" --log-file="$dir/log/munged.log" --seed-file="$dir/munge/munged.seed"
     local ctld_port slurmd_port
     ctld_port=$(free_port)
     slurmd_port=$(free_port)
@@ -99,10 +97,11 @@ NodeName=localhost NodeAddr=127.0.0.1 NodeHostname=localhost CPUs=$cpus State=UN
 PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 EOF
     export SLURM_CONF=$dir/slurm.conf
-    slurmctld -f "$SLURM_CONF" -c -i
-    slurmd -f "$SLURM_CONF" -N localhost
-    if ! wait_for 60 idle_node; then
-        echo "local_cluster.sh: the node did not become idle; logs:" >&2
+    # from here on, `stop DIR` finds every daemon through DIR's pid files
+    munged --force --key-file="$dir/munge/munge.key" --socket="$dir/munge/munge.socket" \
+        --pid-file="$dir/munge/munged.pid" --log-file="$dir/log/munged.log" --seed-file="$dir/munge/munged.seed"
+    if ! slurmctld -f "$SLURM_CONF" -c -i || ! slurmd -f "$SLURM_CONF" -N localhost || ! wait_for 60 idle_node; then
+        echo "local_cluster.sh: SLURM did not come up; logs:" >&2
         tail -n 20 "$dir"/log/*.log >&2 || true
         stop "$dir" || true
         die "SLURM did not start (see $dir/log)"
