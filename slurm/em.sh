@@ -79,7 +79,8 @@ submit() {
     [[ -n $dep ]] && cmd+=(--dependency="$dep")
     cmd+=("$@")
     if [[ $dry -eq 1 ]]; then
-        printf '%q ' "${cmd[@]}" | sed 's/ $//'
+        # shell-quoted, except the <name> placeholders of jobs that were not submitted
+        printf '%q ' "${cmd[@]}" | sed -e 's/ $//' -e 's/\\<\([a-z0-9-]*\)\\>/<\1>/g'
         echo
         job="<$name>"
     else

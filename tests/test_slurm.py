@@ -111,7 +111,7 @@ def test_em_iteration_through_slurm_with_a_requeued_training_job(cluster, run_di
     env = {**cluster, **SBATCH, "FLEET_ENGINE": "bolt", "FLEET_PORT": str(free_port())}
     dry = subprocess.run([str(EM), "--dry-run", *em_args(run_dir)[1:]], env=env, capture_output=True, text=True, timeout=60)
     assert dry.returncode == 0, dry.stderr
-    assert dry.stdout.count("sbatch --parsable") == 6 and "--dependency=afterok:\\<iter1-merge\\>" in dry.stdout
+    assert dry.stdout.count("sbatch --parsable") == 6 and "--dependency=afterok:<iter1-merge>" in dry.stdout
     assert not slurm(env, "squeue", "-h").strip(), "--dry-run submitted jobs"
 
     out = subprocess.run(em_args(run_dir), env=env, capture_output=True, text=True, timeout=60)
@@ -193,3 +193,23 @@ def test_em_sh_rejects_missing_arguments(tmp_path):
     proc = subprocess.run([str(EM), "--run-dir", str(tmp_path), "--config", "missing.yaml", "--start-ckpt", "c",
                            "--chunks", "x", "--samples", "2"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 2 and "training config not found: missing.yaml" in proc.stderr
+
+
+def test_em_sh_dry_run_chains_iterations(tmp_path):
+    (tmp_path / "train.yaml").write_text("model: {}\n")
+    (tmp_path / "chunks.zarr").mkdir()
+    proc = subprocess.run(
+        [str(EM), "--dry-run", "--run-dir", str(tmp_path), "--config", "train.yaml", "--start-ckpt", "warm/checkpoints",
+         "--chunks", "chunks.zarr", "--samples", "4", "--iterations", "2", "--first-iteration", "3",
+         "--extra-data", "0.5:warm/merged_text_document", "--", "train.steps=7"],
+        capture_output=True, text=True, timeout=30, env={**os.environ, "TRAIN_SBATCH": "--nodes=2"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 12 and all(" sbatch --parsable " in line for line in lines)
+    assert "--dependency=afterok:<iter3-train> " in lines[6] and "--ckpt iter3/checkpoints" in lines[6]
+    assert "--array=0-7 " in lines[8] and "--shard" not in lines[8]  # the array task picks its shard
+    train4 = lines[11]
+    assert "--nodes=2 " in train4 and "checkpoint.load=iter3/checkpoints" in train4 and train4.endswith("train.steps=7")
+    assert 'data.prefixes=\\[0.5\\,\\"warm/merged_text_document\\"\\,1\\,\\"iter4/data/ltm_text_document\\"\\]' in train4
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "iter3").exists()  # a dry run writes nothing
