@@ -41,16 +41,20 @@ bolt_setup() {
         if command -v bolt >/dev/null; then BOLT=bolt; else BOLT="$PYTHON -m megatron_bolt"; fi
     fi
     read -r -a BOLT_CMD <<<"$BOLT"
-    CONTAINER_FLAGS=()
+    # CONTAINER_FLAGS go on srun lines; IN_CONTAINER prefixes a command that would otherwise run in
+    # the batch shell (a one-task step in the image), and is empty without an image.
+    CONTAINER_FLAGS=() IN_CONTAINER=()
     if [[ -n ${CONTAINER_IMAGE:-} ]]; then
         CONTAINER_FLAGS=(--container-image="$CONTAINER_IMAGE" --container-workdir="$RUN_DIR"
             --container-mounts="${CONTAINER_MOUNTS:-$RUN_DIR:$RUN_DIR,$BOLT_SLURM_DIR/..:$BOLT_SLURM_DIR/..}")
+        IN_CONTAINER=(srun --nodes=1 --ntasks=1 --overlap "${CONTAINER_FLAGS[@]}")
     fi
     export RUN_DIR BOLT PYTHON BOLT_SLURM_DIR
 }
 
-http_ok() {  # http_ok URL [TIMEOUT_S]: GET succeeds with 200 (stdlib Python: no curl needed)
-    "$PYTHON" - "$1" "${2:-3}" <<'EOF' >/dev/null 2>&1
+# Health checks run on the batch host, outside any container: the system python3's stdlib suffices.
+http_ok() {  # http_ok URL [TIMEOUT_S]: GET succeeds with 200 (no curl needed)
+    python3 - "$1" "${2:-3}" <<'EOF' >/dev/null 2>&1
 import sys, urllib.request
 with urllib.request.urlopen(sys.argv[1], timeout=float(sys.argv[2])) as r:
     sys.exit(0 if r.status == 200 else 1)
@@ -58,7 +62,7 @@ EOF
 }
 
 generate_ok() {  # generate_ok URL: the server (or router) answers a one-token native /generate
-    "$PYTHON" - "$1" <<'EOF' >/dev/null 2>&1
+    python3 - "$1" <<'EOF' >/dev/null 2>&1
 import json, sys, urllib.request
 body = json.dumps({"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 1}}).encode()
 req = urllib.request.Request(sys.argv[1] + "/generate", data=body, headers={"Content-Type": "application/json"})
@@ -88,6 +92,7 @@ fleet_worker() {
         local per=${GPUS_PER_WORKER:-1} all first
         IFS=, read -r -a all <<<"${CUDA_VISIBLE_DEVICES:-$(seq -s, 0 63)}"
         first=$((SLURM_LOCALID * per))
+        ((${#all[@]} > per)) || first=0  # SLURM already bound this task to its own GPUs
         CUDA_VISIBLE_DEVICES=$(IFS=,; echo "${all[*]:first:per}")
         export CUDA_VISIBLE_DEVICES
         # shellcheck disable=SC2086  # SGLANG_ARGS is a list of flags
