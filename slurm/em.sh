@@ -112,7 +112,7 @@ for ((n = first; n < first + iterations; n++)); do
         "${fleet_opts[@]}" "$SLURM_DIR/fleet.sbatch"
     fleet_job=$job
     submit "$it-estep" "afterok:$export_job,after:$fleet_job" MODEL="$it/model_hf" CHUNKS="$chunks" \
-        OUT="$it/latents.zarr" SAMPLES="$samples" URLFILE="$it/router_url" SHARDS="$shards" -- \
+        OUT="$it/latents.zarr" SAMPLES="$samples" URLFILE="$it/router_url" SHARDS="$shards" FLEET_JOB="$fleet_job" -- \
         --array="0-$((shards - 1))" "${estep_opts[@]}" "$SLURM_DIR/estep.sbatch" "${estep_extra[@]}"
     estep_job=$job
     submit "$it-stop" "afterany:$estep_job" -- "${step_opts[@]}" --job-name=bolt-fleet-stop \

@@ -174,7 +174,7 @@ def test_em_iteration_through_slurm_with_a_requeued_training_job(cluster, run_di
     assert "fleet stopped" in fleet_log and not (run_dir / "iter1" / "router_url").exists()
 
 
-def test_missing_variable_is_one_clear_error(cluster, tmp_path):
+def test_estep_fails_at_once_with_one_clear_line(cluster, tmp_path):
     proc = subprocess.run(
         ["sbatch", "--parsable", f"--chdir={tmp_path}", "--array=0-0", "--cpus-per-task=1", "--output=%x-%a.out",
          str(REPO / "slurm" / "estep.sbatch")],
@@ -185,6 +185,23 @@ def test_missing_variable_is_one_clear_error(cluster, tmp_path):
              "the job to end")
     assert job_fields(cluster, job)[0]["JobState"] == "FAILED"
     assert "error: estep.sbatch: variable MODEL is not set" in (tmp_path / "bolt-estep-0.out").read_text()
+
+    # an E-step whose fleet job has ended stops waiting for the router URL at once
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "c.zarr").mkdir()
+    fleet = slurm(cluster, "sbatch", "--parsable", f"--chdir={tmp_path}", "--output=/dev/null", "--wrap=exit 1").split(";")[0]
+    wait_for(lambda: not slurm(cluster, "squeue", "-h", "-j", fleet).strip(), 60, "the stand-in fleet job to end")
+    proc = subprocess.run(
+        ["sbatch", "--parsable", f"--chdir={tmp_path}", "--array=0-0", "--cpus-per-task=1", "--output=%x-%a-dead.out",
+         str(REPO / "slurm" / "estep.sbatch")],
+        env={**cluster, "MODEL": "hf", "CHUNKS": "c.zarr", "OUT": "l.zarr", "SAMPLES": "2", "URLFILE": "url",
+             "FLEET_JOB": fleet}, capture_output=True, text=True, timeout=60, check=True,
+    )
+    job = proc.stdout.strip().split(";")[0]
+    wait_for(lambda: job_fields(cluster, job)[0]["JobState"] not in ("PENDING", "RUNNING", "COMPLETING"), 120,
+             "the job to end")
+    assert job_fields(cluster, job)[0]["JobState"] == "FAILED"
+    assert f"error: estep.sbatch: fleet job {fleet} ended before url held" in (tmp_path / "bolt-estep-0-dead.out").read_text()
 
 
 def test_em_sh_rejects_missing_arguments(tmp_path):
