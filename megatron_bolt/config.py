@@ -155,6 +155,7 @@ class MergeConfig:
     epochs: int = 1
     posterior_prob: float = 0.5
     raw_mix: float = 0.0
+    empty_latents: str = "keep"  # "raw": chunks with an empty chosen latent are written without SoL/EoL
 
 
 @dataclass

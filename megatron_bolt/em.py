@@ -153,6 +153,7 @@ class EMDriver:
         m = self.cfg.merge
         args = ["merge", "--chunks", chunks, "--output-prefix", str(prefix), "--epochs", str(m.epochs),
                 "--posterior-prob", str(m.posterior_prob), "--raw-mix", str(m.raw_mix),
+                "--empty-latents", m.empty_latents,
                 "--seed", str(self.cfg.seed), "--quiet"]
         if latents is not None:
             args += ["--latents", str(latents)]

@@ -237,3 +237,26 @@ def test_cli_and_tool(tmp_path, capsys):
     help_text = subprocess.run([sys.executable, str(REPO / "tools" / "merge_latents.py"), "--help"],
                                capture_output=True, text=True, check=True).stdout
     assert "--posterior-prob" in help_text and "--allow-missing" in help_text
+
+
+def test_empty_latents_written_raw_and_raw_baseline(tmp_path):
+    """--empty-latents raw: a chunk whose chosen latent is empty gets no SoL/EoL at all; without a
+    latent store every chunk is raw (BOS + chunks + EOS), the raw baseline's layout."""
+    chunks_path, latents_path = make_stores(tmp_path, docs=30)
+    sp = specials(1000)
+    want = expected(chunks_path, latents_path)
+    n_empty = sum(len(z) == 0 for ref in want for _, z in ref)
+    assert n_empty > 0
+    s = merge_latents(chunks_path, latents_path, tmp_path / "e", empty_latents="raw", progress=False)
+    assert s.chunks["empty_raw"] == n_empty and s.chunks["missing_raw"] == 0
+    for doc, ref in zip(read_documents(str(tmp_path / "e")), want):
+        parsed = parse_document(doc, sp)
+        # raw chunks next to each other read back as one plain run: compare the latent-bearing ones
+        assert [z for f, z, _ in parsed if f != "raw"] == [z.tolist() for _, z in ref if len(z)]
+        assert all(len(z) for f, z, _ in parsed if f != "raw")
+        assert [t for _, _, x in parsed for t in x] == [t for x, _ in ref for t in x]
+    with pytest.raises(UserError, match="--empty-latents"):
+        merge_latents(chunks_path, latents_path, tmp_path / "bad", empty_latents="drop", progress=False)
+    s = merge_latents(chunks_path, None, tmp_path / "raw", progress=False)
+    raw_docs = [[sp["bos"], *[t for x, _ in ref for t in x], sp["eos"]] for ref in want]
+    assert read_documents(str(tmp_path / "raw")) == raw_docs and s.latent_tokens == 0

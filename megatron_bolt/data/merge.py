@@ -41,7 +41,9 @@ class MergeSummary:
     documents: int = 0  # latent documents written (all epochs)
     raw_documents: int = 0  # latent-free copies written
     empty_documents_skipped: int = 0  # documents with no chunks (per pass, counted once)
-    chunks: dict[str, int] = field(default_factory=lambda: {"prior": 0, "posterior": 0, "missing_raw": 0, "raw_copy": 0})
+    chunks: dict[str, int] = field(
+        default_factory=lambda: {"prior": 0, "posterior": 0, "missing_raw": 0, "empty_raw": 0, "raw_copy": 0}
+    )
     tokens: int = 0
     latent_tokens: int = 0  # Z tokens
     special_tokens: int = 0  # SoL/EoL/PRIOR/POST (BOS/EOS not counted)
@@ -60,7 +62,7 @@ class MergeSummary:
                 f"documents: {self.documents} with latents over {self.epochs} epoch(s), {self.raw_documents} raw copies,"
                 f" {self.empty_documents_skipped} empty skipped",
                 f"chunks: prior {c['prior']}, posterior {c['posterior']}, raw (latent missing) {c['missing_raw']},"
-                f" in raw copies {c['raw_copy']}",
+                f" raw (latent empty) {c['empty_raw']}, in raw copies {c['raw_copy']}",
                 f"tokens: {self.tokens}, latent {self.latent_tokens} ({100 * self.latent_share:.1f}%),"
                 f" latent specials {self.special_tokens}",
             ]
@@ -148,6 +150,7 @@ def merge_latents(
     raw_mix: float = 0.0,
     seed: int = 0,
     allow_missing: bool = False,
+    empty_latents: str = "keep",
     window_tokens: int = 1 << 22,
     progress: bool = True,
 ) -> MergeSummary:
@@ -158,6 +161,8 @@ def merge_latents(
 
     raw_mix R adds round(R * documents * epochs) latent-free copies (BOS + chunks + EOS): R = 1
     means as many raw documents as latent ones; whole passes first, then a random subset.
+    empty_latents "raw" writes chunks whose chosen latent is empty in raw form instead of as an
+    empty thought (`SoL PRIOR EoL X`): a model then only ever sees SoL where a thought follows.
     """
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
@@ -168,6 +173,8 @@ def merge_latents(
         raise UserError(f"--epochs must be >= 1, got {epochs}")
     if not 0.0 <= posterior_prob <= 1.0:
         raise UserError(f"--posterior-prob must be in [0, 1], got {posterior_prob}")
+    if empty_latents not in ("keep", "raw"):
+        raise UserError(f"--empty-latents must be 'keep' or 'raw', got {empty_latents!r}")
     if raw_mix < 0:
         raise UserError(f"--raw-mix must be >= 0, got {raw_mix}")
     chunks_path = str(chunks_path)
@@ -230,10 +237,14 @@ def merge_latents(
                     else:
                         z, z_len, have = _chosen_latents(latents, c0, c1, done)
                     _check_ids(z, vocab, latents_path, "latent")
+                    summary.chunks["missing_raw"] += int((~have).sum())
+                    if empty_latents == "raw":
+                        empty = have & (z_len == 0)
+                        summary.chunks["empty_raw"] += int(empty.sum())
+                        have &= ~empty
                     forms[~have] = RAW
                     summary.chunks["prior"] += int((forms == PRIOR).sum())
                     summary.chunks["posterior"] += int((forms == POSTERIOR).sum())
-                    summary.chunks["missing_raw"] += int((~have).sum())
                     summary.latent_tokens += int(z_len.sum())
                     summary.special_tokens += 3 * int((forms == PRIOR).sum()) + 5 * int((forms == POSTERIOR).sum())
                 else:

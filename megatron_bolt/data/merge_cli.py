@@ -29,6 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the form draws and the raw subset (default 0)")
     parser.add_argument("--allow-missing", action="store_true",
                         help="write chunks whose latent block is not done raw (counted) instead of failing")
+    parser.add_argument("--empty-latents", choices=("keep", "raw"), default="keep",
+                        help="chunks whose chosen latent is empty: keep them as empty thoughts (SoL PRIOR EoL X, "
+                        "the reference) or write them raw (default keep)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -42,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         raw_mix=args.raw_mix,
         seed=args.seed,
         allow_missing=args.allow_missing,
+        empty_latents=args.empty_latents,
         progress=not args.quiet,
     )
     print(summary.format())
