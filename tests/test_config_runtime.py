@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from conftest import TINY_CONFIG, bolt
+
 from megatron_bolt.config import load_config, validate
 from megatron_bolt.errors import UserError
 from megatron_bolt.runtime import detect_env, first_slurm_host
