@@ -130,6 +130,7 @@ class CorpusConfig:
     json_key: str = "text"
     tokenizer: str | None = None  # None = train a byte-level BPE on the corpus
     tokenizer_vocab_size: int = 320
+    chunk_poisson_mean: float = 7.0  # chunks of min(Poisson(mean) + 1, 20) sentences (bolt preprocess)
     toy_warm_docs: int = 100
     toy_rest_docs: int = 300
     toy_valid_docs: int = 20

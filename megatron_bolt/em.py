@@ -137,6 +137,7 @@ class EMDriver:
                 "preprocess", "--input", *files, "--json-keys", key, "--output-prefix", str(self.data / name),
                 "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer,
                 "--chunk-store", str(self.data / f"{name}_chunks.zarr"), "--no-progress",
+                "--chunk-poisson-mean", str(c.chunk_poisson_mean),
             ], clean=(self.data / f"{name}_chunks.zarr",))
         (self.data / "tokenizer_path").write_text(tokenizer)
         stage.mark("prepare")

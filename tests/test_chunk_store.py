@@ -74,6 +74,15 @@ def test_sentences_per_chunk_is_poisson_plus_one_capped_and_seeded_by_text():
     assert sentences_per_chunk("another document", 500) != sentences_per_chunk("some document", 500)
 
 
+def test_chunk_poisson_mean_sets_the_chunk_size():
+    assert sentences_per_chunk("some document", 50, poisson_mean=0) == [1] * 50
+    counts = sentences_per_chunk("some document", 100_000, poisson_mean=2)
+    assert 2.8 < np.mean(counts[:-1]) < 3.2  # E[Poisson(2) + 1] = 3
+    text = "One. Two! Three?\n\nFour. Five."
+    bounds = sentence_boundaries(text)
+    assert chunk_char_boundaries(text, poisson_mean=0) == bounds and len(bounds) == 4
+
+
 @pytest.mark.parametrize("backend", ["hf", "sentencepiece"])
 def test_chunks_concatenate_to_the_document_tokenization(tokenizers, backend):
     tok = tokenizers[backend]

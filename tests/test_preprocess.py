@@ -171,6 +171,24 @@ def test_chunk_store_and_workers_give_identical_output(tmp_path, toks, tokenizer
         assert [s2.chunk_tokens(i).tolist() for i in range(a, b)] == [s1.chunk_tokens(i).tolist() for i in range(a, b)]
 
 
+def test_chunk_poisson_mean_flag(tmp_path, toks):
+    texts = make_texts(30, seed=6)
+    data = write_jsonl(tmp_path / "in.jsonl", texts)
+    stores = {}
+    for mean in ("7", "0"):
+        prefix = str(tmp_path / f"m{mean}")
+        assert bolt_main(["preprocess", "--input", data, "--output-prefix", prefix, "--tokenizer-model",
+                          toks["HuggingFaceTokenizer"], "--chunk-store", prefix + ".zarr",
+                          "--chunk-poisson-mean", mean, "--no-progress"]) == 0
+        stores[mean] = ChunkStore.open(prefix + ".zarr")
+        assert stores[mean].attrs["chunk_poisson_mean"] == float(mean)
+    assert stores["0"].num_chunks > 2 * stores["7"].num_chunks  # one sentence per chunk
+    assert stores["0"].num_tokens == stores["7"].num_tokens
+    with pytest.raises(UserError, match="--chunk-poisson-mean"):
+        preprocess(PreprocessConfig([data], str(tmp_path / "bad"), toks["HuggingFaceTokenizer"],
+                                    chunk_store=str(tmp_path / "bad.zarr"), chunk_poisson_mean=-1))
+
+
 def test_interrupted_run_leaves_no_output_pair(tmp_path, toks, monkeypatch):
     data = write_jsonl(tmp_path / "in.jsonl", make_texts(50))
     prefix = str(tmp_path / "x")

@@ -6,7 +6,8 @@ Layout (ragged lists as flat arrays plus offsets):
   chunk_doc          int64  [n_chunks]        document index of each chunk
   chunk_index        int32  [n_chunks]        position of the chunk within its document
   doc_chunk_offsets  int64  [n_docs + 1]      document d owns chunks doc_chunk_offsets[d] : [d + 1]
-attrs: format_version, tokenizer, vocab_size, special_tokens {bos, eos, sol, eol, prior, posterior}.
+attrs: format_version, tokenizer, vocab_size, special_tokens {bos, eos, sol, eol, prior, posterior},
+       chunk_poisson_mean (when written by `bolt preprocess`).
 
 Chunks carry no BOS/EOS. A document's chunks concatenate to its tokenization. The prefix context
 of chunk i (method.md) is the previous k chunks of the same document: `prefix_tokens(i, k)`.
@@ -51,14 +52,15 @@ class ChunkStoreWriter:
     Use as a context manager: an exception (or a kill) leaves nothing at the final path.
     """
 
-    def __init__(self, path: str, tokenizer_info: Mapping | Any):
+    def __init__(self, path: str, tokenizer_info: Mapping | Any, extra_attrs: Mapping | None = None):
         import zarr
 
         self.path = str(path).rstrip("/")
         self.tmp_path = f"{self.path}.tmp-{os.getpid()}"
         self._remove(self.tmp_path)
         self._group = zarr.open_group(self.tmp_path, mode="w", zarr_format=3)
-        self._group.attrs.update({"format_version": FORMAT_VERSION, **_info_dict(tokenizer_info)})
+        self._group.attrs.update({"format_version": FORMAT_VERSION, **_info_dict(tokenizer_info),
+                                  **(extra_attrs or {})})
         self._tokens = self._group.create_array(
             "tokens", shape=(0,), dtype="int32", chunks=(TOKENS_BLOCK,), fill_value=0
         )

@@ -94,27 +94,30 @@ def document_rng(text: str) -> np.random.Generator:
     return np.random.default_rng(seed)
 
 
-def sentences_per_chunk(text: str, n_sentences: int) -> list[int]:
-    """Sentence counts of the chunks: min(Poisson(7) + 1, 20), the last one cut to what remains."""
+def sentences_per_chunk(text: str, n_sentences: int, poisson_mean: float = MEAN_EXTRA_SENTENCES) -> list[int]:
+    """Sentence counts of the chunks: min(Poisson(7) + 1, 20), the last one cut to what remains.
+
+    `poisson_mean` replaces the 7 for corpora whose sentences are much shorter or longer than web
+    text's (the toy world uses 0: one sentence per chunk, so that every answer can get a thought)."""
     rng = document_rng(text)
     counts, remaining = [], n_sentences
     while remaining > 0:
-        n = min(int(rng.poisson(MEAN_EXTRA_SENTENCES)) + 1, MAX_SENTENCES_PER_CHUNK, remaining)
+        n = min(int(rng.poisson(poisson_mean)) + 1, MAX_SENTENCES_PER_CHUNK, remaining)
         counts.append(n)
         remaining -= n
     return counts
 
 
-def chunk_char_boundaries(text: str) -> list[int]:
+def chunk_char_boundaries(text: str, poisson_mean: float = MEAN_EXTRA_SENTENCES) -> list[int]:
     """Character positions where each chunk after the first begins."""
     bounds = sentence_boundaries(text)
-    counts = sentences_per_chunk(text, len(bounds) + 1)
+    counts = sentences_per_chunk(text, len(bounds) + 1, poisson_mean)
     # Sentence k ends at bounds[k]; a chunk of counts[j] sentences ends after its last sentence.
     ends = np.cumsum(counts)[:-1] - 1
     return [bounds[k] for k in ends]
 
 
-def chunk_token_lengths(text: str, token_ends: np.ndarray) -> np.ndarray:
+def chunk_token_lengths(text: str, token_ends: np.ndarray, poisson_mean: float = MEAN_EXTRA_SENTENCES) -> np.ndarray:
     """Token counts of each chunk of `text`, given where (in characters) each of its tokens ends.
 
     The counts sum to len(token_ends); none is zero (empty chunks merge into the next one).
@@ -122,7 +125,7 @@ def chunk_token_lengths(text: str, token_ends: np.ndarray) -> np.ndarray:
     n_tokens = len(token_ends)
     if n_tokens == 0:
         return np.zeros(0, dtype=np.int64)
-    bounds = chunk_char_boundaries(text)
+    bounds = chunk_char_boundaries(text, poisson_mean)
     # Offsets are non-decreasing in every tokenizer we use; enforce it so searchsorted is valid.
     ends = np.maximum.accumulate(np.asarray(token_ends, dtype=np.int64))
     cuts = np.searchsorted(ends, np.asarray(bounds, dtype=np.int64), side="right")

@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--append-eod", action="store_true", help="append the EOD (EOS) token to every document")
     g.add_argument("--chunk-store", metavar="OUT.zarr", default=None,
                    help="also write the BoLT chunk store (local path or fsspec URL); chunks carry no EOD")
+    g.add_argument("--chunk-poisson-mean", type=float, default=7.0, metavar="MEAN",
+                   help="chunks have min(Poisson(MEAN) + 1, 20) sentences (default 7, as the reference code); "
+                        "0 makes every sentence its own chunk")
     g = parser.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1, help="worker processes (= CPU cores used for tokenizing)")
     g.add_argument("--tokenizer-threads", type=int, default=1,
@@ -65,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         add_latent_tokens=not args.no_latent_tokens,
         progress=not args.no_progress,
         tokenizer_threads=args.tokenizer_threads,
+        chunk_poisson_mean=args.chunk_poisson_mean,
     )
     result = preprocess(cfg)
     print(f"preprocess: {result.summary()}; dtype {result.dtype}", file=sys.stderr)
