@@ -140,6 +140,7 @@ class CorpusConfig:
 class WarmstartConfig:
     teacher: str = "toy"  # "toy" or "openai"
     prefix_chunks: int = 1
+    train_steps: int | None = None  # steps of the warm-start training; None = train_config's train.steps
     args: list[str] = field(default_factory=list)  # extra `bolt warmstart` flags, e.g. ["--model", "gpt-4o-mini"]
 
 

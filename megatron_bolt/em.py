@@ -160,16 +160,29 @@ class EMDriver:
             args += ["--latents", str(latents)]
         self.bolt(stage, f"merge-{prefix.name}", args)
 
-    def train(self, stage: Stage, prefixes: list[Path], start: Stage | None, budget: int = 1) -> None:
-        """Train on the blend of `prefixes`, from `start`'s weights (or train_config's start), for
-        `budget` times train_config's steps."""
-        from megatron_bolt.config import load_config
-        from megatron_bolt.tokenizer import load_tokenizer
-
+    @property
+    def train_config_path(self) -> str:
         config = self.cfg.train_config
         if not Path(config).is_file() and (self.repo / config).is_file():
             config = str(self.repo / config)
+        return config
 
+    @property
+    def base_steps(self) -> int:
+        from megatron_bolt.config import load_config
+
+        return load_config(self.train_config_path, self.cfg.train_overrides).train.steps
+
+    @property
+    def warm_steps(self) -> int:
+        return self.cfg.warmstart.train_steps or self.base_steps
+
+    def train(self, stage: Stage, prefixes: list[Path], start: Stage | None, steps: int | None = None) -> None:
+        """Train on the blend of `prefixes`, from `start`'s weights (or train_config's start), for
+        `steps` steps (None: train_config's)."""
+        from megatron_bolt.tokenizer import load_tokenizer
+
+        config = self.train_config_path
         blend = []
         for p in prefixes:  # Megatron blend weights: each dataset in proportion to its size
             blend += [os.path.getsize(f"{p}_text_document.bin"), f"{p}_text_document"]
@@ -181,9 +194,8 @@ class EMDriver:
         ]
         if start is not None:  # restart = continue: weights of the previous model, fresh optimizer
             overrides += [f"checkpoint.load={start.checkpoints}", "checkpoint.finetune=true"]
-        if budget != 1:
-            steps = load_config(config, self.cfg.train_overrides).train.steps
-            overrides.append(f"train.steps={budget * steps}")
+        if steps is not None:
+            overrides.append(f"train.steps={steps}")
         self.bolt(stage, "train", ["train", config, *self.cfg.train_overrides, *overrides,
                                    "--nproc-per-node", str(self.cfg.nproc_per_node)])
 
@@ -228,8 +240,8 @@ class EMDriver:
             self.merge(raw, self.chunks("warm"), None, raw.dir / "data" / "warm")
             self.merge(raw, self.chunks("rest"), None, raw.dir / "data" / "rest")
             # Equal compute: with restart=continue the last model has trained warm start + every iteration.
-            budget = 1 + cfg.iterations if cfg.restart == "continue" else 1
-            self.train(raw, [raw.dir / "data" / "warm", raw.dir / "data" / "rest"], None, budget)
+            steps = self.warm_steps + cfg.iterations * self.base_steps if cfg.restart == "continue" else None
+            self.train(raw, [raw.dir / "data" / "warm", raw.dir / "data" / "rest"], None, steps)
             self.finish(raw, fmt="raw")
             stages.append(("raw", raw))
 
@@ -240,7 +252,7 @@ class EMDriver:
             "--tokenizer", self.tokenizer, "--prefix-chunks", str(w.prefix_chunks), *w.args,
         ])
         self.merge(warm, self.chunks("warm"), warm.latents, warm.merged)
-        self.train(warm, [warm.merged], None)
+        self.train(warm, [warm.merged], None, w.train_steps)
         self.finish(warm)
         stages.append(("warmstart", warm))
 

@@ -50,8 +50,11 @@ def uninterrupted(tmp_path_factory) -> Path:
 
 
 def test_full_loop_with_baseline_and_ablation(tmp_path):
-    bolt("em", *micro_config(tmp_path, ablation_samples="[1]"), timeout=900)
+    bolt("em", *micro_config(tmp_path, ablation_samples="[1]", **{"warmstart.train_steps": 6}), timeout=900)
     run = tmp_path / "run"
+    # warm start 6 steps, each iteration train.steps (4), the raw baseline the sum (restart: continue)
+    for stage, steps in (("warmstart", 6), ("iter1", 4), ("iter1_k1", 4), ("raw", 10)):
+        assert f", {steps} steps of " in (run / stage / "logs" / "train.log").read_text(), stage
     summary = json.loads((run / "summary.json").read_text())
     assert [r["method"] for r in summary["rows"]] == ["raw", "warmstart", "iter1 (K=2)", "iter1 (K=1)"]
     for row in summary["rows"]:
