@@ -201,6 +201,10 @@ def load_em_config(path: str | Path | None, overrides: list[str] | None = None) 
         raise UserError(f"config key 'restart': expected 'base' or 'continue', got {cfg.restart!r}")
     if cfg.iterations < 0 or cfg.estep.samples < 1 or any(k < 1 for k in cfg.ablation_samples):
         raise UserError("iterations must be >= 0, estep.samples and ablation_samples >= 1")
+    if cfg.warmstart.train_steps is not None and cfg.warmstart.train_steps < 1:
+        raise UserError(f"config key 'warmstart.train_steps': expected >= 1 or null, got {cfg.warmstart.train_steps}")
+    if not 0 <= cfg.corpus.chunk_poisson_mean <= 100:
+        raise UserError(f"config key 'corpus.chunk_poisson_mean': expected 0..100, got {cfg.corpus.chunk_poisson_mean}")
     if cfg.eval.task not in ("toy", "gsm8k", "math"):
         raise UserError(f"config key 'eval.task': expected toy, gsm8k or math, got {cfg.eval.task!r}")
     if cfg.eval.task != "toy" and not cfg.eval.data:

@@ -140,3 +140,6 @@ def test_bad_em_config_is_one_line(tmp_path):
     ]
     proc = bolt("em", *micro_config(tmp_path, restart="sometimes"), check=False)
     assert proc.returncode == 2 and "restart" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    for key, value in (("warmstart.train_steps", 0), ("corpus.chunk_poisson_mean", -1)):
+        proc = bolt("em", *micro_config(tmp_path, **{key: value}), check=False)
+        assert proc.returncode == 2 and key in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -98,7 +98,7 @@ def sentences_per_chunk(text: str, n_sentences: int, poisson_mean: float = MEAN_
     """Sentence counts of the chunks: min(Poisson(7) + 1, 20), the last one cut to what remains.
 
     `poisson_mean` replaces the 7 for corpora whose sentences are much shorter or longer than web
-    text's (the toy world uses 0: one sentence per chunk, so that every answer can get a thought)."""
+    text's (0: one sentence per chunk, e.g. for one-line statements that each need their own thought)."""
     rng = document_rng(text)
     counts, remaining = [], n_sentences
     while remaining > 0:
