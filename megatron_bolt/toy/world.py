@@ -1,19 +1,28 @@
 """The toy math world: the embedded default corpus, its teacher and its grader.
 
-A problem is a chain of single-digit operations on a ten-hour clock (every result is taken mod 10),
-evaluated left to right: `7 + 5 * 3 - 4` means ((7 + 5) * 3) - 4 mod 10 = 2. Each step is one of
-300 facts a tiny model learns quickly; composing three or four of them in a single forward pass is
-what it cannot do. Documents state problems and their results *without the working*:
+A problem is a multiplication and an addition on a hundred-hour clock (results are taken mod 100):
+`17 * 6 + 23` is 17 added six times to 23, 125 mod 100 = 25. The 17 is always the same and the
+other two numbers vary, so a reader needs 800 facts (start x count) to answer in one step, which a
+tiny model does not learn from results alone. Worked out, every step is a single fact:
+
+    6: 23; 5: 40; 4: 57; 3: 74; 2: 91; 1: 08; 0: 25
+
+Each step counts down the additions left and adds 17 to the last value; both are lookups on one
+token a fixed distance back, which a tiny transformer learns within a few hundred steps. The
+question ends with the count and the start, so the working's first step copies both from the same
+distance (five tokens back). Documents
+state problems and their results *without the working*:
 
     Problem:
-    7 + 5 * 3 - 4
+    17 * 6 + 23
 
-    Final Answer: 2
+    Final Answer: 25
 
-The teacher writes the working as a latent thought (`7 + 5 * 3 - 4 = 2 * 3 - 4 = 6 - 4 = 2.`), so a model
+The teacher writes the working as the latent thought of the chunk that holds the answer, so a model
 trained with latents can learn the steps, while one trained on the raw text sees only results. The
-grader reads the first `Final Answer: n` of a prediction. The problem and answer formats are those
-of method.md's latent-space evaluation (`Problem:\\n{q}\\n`, `Final Answer: {a}`).
+grader reads the first `Final Answer: n` of a prediction. Numbers on the clock are written with two
+digits (`08`) so that a value is always the same token. The problem and answer formats are those of
+method.md's latent-space evaluation (`Problem:\\n{q}\\n`, `Final Answer: {a}`).
 """
 
 from __future__ import annotations
@@ -25,67 +34,54 @@ from pathlib import Path
 
 import numpy as np
 
-OPS = ("+", "-", "*")
-MODULUS = 10
+STEP = 17
+MODULUS = 100
 
-_PROBLEM = re.compile(r"Problem:\s*\n([0-9+\-* ]+?)\s*\n")
+_QUESTION = re.compile(rf"{STEP} \* (\d) \+ (\d\d)")
+_PROBLEM = re.compile(r"Problem:\s*\n([0-9+* ]+?)\s*\n")
 _ANSWER = re.compile(r"Final Answer:\s*(-?\d+)")
 
 
 @dataclass(frozen=True)
 class ToyProblem:
-    question: str  # "7 + 5 * 3 - 4"
-    working: str  # "7 + 5 * 3 - 4 = 2 * 3 - 4 = 6 - 4 = 2."
-    answer: str  # "2"
+    question: str  # "17 * 6 + 23"
+    working: str  # "6: 23; 5: 40; 4: 57; 3: 74; 2: 91; 1: 08; 0: 25"
+    answer: str  # "25"
 
 
 @dataclass(frozen=True)
 class ToyWorld:
     """Knobs of the generator; the defaults are what `make demo` uses."""
 
-    min_ops: int = 2
-    max_ops: int = 3
+    min_count: int = 2  # additions of STEP per problem
+    max_count: int = 9
+    max_start: int = MODULUS - 1  # starting values 0..max_start
     min_problems_per_doc: int = 4
     max_problems_per_doc: int = 10
 
 
-def _apply(a: int, op: str, b: int) -> int:
-    if op == "+":
-        return (a + b) % MODULUS
-    if op == "-":
-        return (a - b) % MODULUS
-    return (a * b) % MODULUS
+def _clock(value: int) -> str:
+    return f"{value % MODULUS:02d}"
 
 
 def solve(question: str) -> ToyProblem:
-    """Work a question out step by step; raises ValueError if it is not a toy problem.
-
-    The working rewrites the expression once per step, replacing its first operation by the result
-    (`7 + 5 * 3 - 4 = 2 * 3 - 4 = 6 - 4 = 2.`): each step is one fact plus a copy of the rest, the
-    kind of step a tiny transformer learns quickly.
-    """
-    parts = question.split()
-    if len(parts) < 3 or len(parts) % 2 == 0 or any(op not in OPS for op in parts[1::2]):
+    """Work a question (`17 * COUNT + START`) out step by step; raises ValueError if it is not a toy
+    problem. The working lists, for each addition, how many are left and the value so far."""
+    m = _QUESTION.fullmatch(question.strip())
+    if m is None:
         raise ValueError(f"not a toy problem: {question!r}")
-    try:
-        numbers = [int(x) for x in parts[0::2]]
-    except ValueError as exc:
-        raise ValueError(f"not a toy problem: {question!r}") from exc
-    ops = parts[1::2]
-    value, rewrites = numbers[0], [" ".join(parts)]
-    for i, op in enumerate(ops):
-        value = _apply(value, op, numbers[i + 1])
-        rest = [f"{o} {n}" for o, n in zip(ops[i + 1 :], numbers[i + 2 :])]
-        rewrites.append(" ".join([str(value), *rest]))
-    return ToyProblem(question=" ".join(parts), working=" = ".join(rewrites) + ".", answer=str(value))
+    count, value = int(m.group(1)), int(m.group(2))
+    steps = [f"{count}: {_clock(value)}"]
+    for left in range(count - 1, -1, -1):
+        value = (value + STEP) % MODULUS
+        steps.append(f"{left}: {_clock(value)}")
+    return ToyProblem(question=m.group(0), working="; ".join(steps), answer=_clock(value))
 
 
 def sample_problem(rng: np.random.Generator, world: ToyWorld = ToyWorld()) -> ToyProblem:
-    n_ops = int(rng.integers(world.min_ops, world.max_ops + 1))
-    parts = [str(int(rng.integers(0, MODULUS)))]
-    for _ in range(n_ops):
-        parts += [OPS[int(rng.integers(len(OPS)))], str(int(rng.integers(0, MODULUS)))]
-    return solve(" ".join(parts))
+    count = int(rng.integers(world.min_count, world.max_count + 1))
+    start = int(rng.integers(0, world.max_start + 1))
+    return solve(f"{STEP} * {count} + {_clock(start)}")
 
 
 def problem_text(p: ToyProblem) -> str:
@@ -135,7 +131,10 @@ def teacher_latent(prefix: str, chunk: str) -> str:
     answer = _ANSWER.search(chunk)
     if answer is None or _PROBLEM.search(chunk[: answer.start()] + "\n"):
         return ""
-    return solve(questions[-1].group(1)).working
+    try:
+        return solve(questions[-1].group(1)).working
+    except ValueError:
+        return ""  # a problem of some other world: nothing this teacher knows
 
 
 def extract_answer(prediction: str) -> str | None:
