@@ -27,6 +27,7 @@ def micro_config(tmp: Path, **extra: object) -> list[str]:
     overrides = {
         "output_dir": str(tmp / "run"), "train_config": str(tmp / "train.yaml"), "iterations": 1,
         "corpus.toy_warm_docs": 6, "corpus.toy_rest_docs": 6, "corpus.toy_valid_docs": 2,
+        "warmstart.train_steps": "null",
         "estep.samples": 2, "estep.max_latent_tokens": 16, "estep.args": "[--threads, '1']",
         "eval.limit": 6, "eval.shots": 2, "eval.max_new_tokens": 24, "iwae_samples": "[1, 2]",
         **extra,
