@@ -10,7 +10,7 @@ Worlds (q: question, z: working, a: answer; every step of z looks at tokens a fi
 - chain:   q = `x kN`; z counts down N applications of a fixed permutation of 0-9 (one-input lookups)
 - running: q = four digits; z = running sums mod 10 (a two-input lookup per step)
 - repeat:  q = `x + s kN`; z adds s, N times, mod 10 (two-input lookup per step)
-- clock:   q = `x kN`, x in 0-99; z adds 17 mod 100 N times (one-input lookups; the demo's world)
+- clock:   q = `x kN`, x in 0-99; z adds 17 mod 100 N times (one-input lookups; the demo's arithmetic, word-level)
 """
 
 from __future__ import annotations

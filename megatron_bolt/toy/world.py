@@ -10,8 +10,7 @@ tiny model does not learn from results alone. Worked out, every step is a single
 Each step counts down the additions left and adds 17 to the last value; both are lookups on one
 token a fixed distance back, which a tiny transformer learns within a few hundred steps. The
 question ends with the count and the start, so the working's first step copies both from the same
-distance (five tokens back). Documents
-state problems and their results *without the working*:
+distance (five tokens back). Documents state problems and their results *without the working*:
 
     Problem:
     17 * 6 + 23
@@ -73,7 +72,7 @@ def solve(question: str) -> ToyProblem:
     count, value = int(m.group(1)), int(m.group(2))
     steps = [f"{count}: {_clock(value)}"]
     for left in range(count - 1, -1, -1):
-        value = (value + STEP) % MODULUS
+        value += STEP
         steps.append(f"{left}: {_clock(value)}")
     return ToyProblem(question=m.group(0), working="; ".join(steps), answer=_clock(value))
 
