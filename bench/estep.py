@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from megatron_bolt.data.chunk_store import ChunkStore, write_chunk_store
 from megatron_bolt.data.formats import posterior_sampling_prompt, prior_scoring_sequence
-from megatron_bolt.latents.engines.local import LocalEngine
+from megatron_bolt.inference.local import LocalEngine
 from megatron_bolt.latents.estep import EStepSettings, latent_ids, sample_and_weight
+from megatron_bolt.stores.chunk_store import ChunkStore, write_chunk_store
 
 
 def build(tmp: str, args) -> tuple[str, str]:

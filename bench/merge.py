@@ -25,9 +25,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_bolt.data.chunk_store import ChunkStore, write_chunk_store  # noqa: E402
 from megatron_bolt.data.merge import merge_latents, output_paths  # noqa: E402
-from megatron_bolt.latents.store import LatentStore  # noqa: E402
+from megatron_bolt.stores.chunk_store import ChunkStore, write_chunk_store  # noqa: E402
+from megatron_bolt.stores.latent_store import LatentStore  # noqa: E402
 
 VOCAB = 32000
 SPECIALS = {"bos": 1, "eos": 2, "sol": VOCAB - 4, "eol": VOCAB - 3, "prior": VOCAB - 2, "posterior": VOCAB - 1}

@@ -8,8 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from megatron_bolt.data import chunk_store as cs
-from megatron_bolt.data.chunk_store import ChunkStore, ChunkStoreWriter, write_chunk_store
+from megatron_bolt.stores import chunk_store as cs
 from megatron_bolt.data.chunking import (
     MAX_SENTENCES_PER_CHUNK,
     chunk_char_boundaries,
@@ -18,6 +17,7 @@ from megatron_bolt.data.chunking import (
     sentences_per_chunk,
     split_chunks,
 )
+from megatron_bolt.stores.chunk_store import ChunkStore, ChunkStoreWriter, write_chunk_store
 from megatron_bolt.tokenizer import load_tokenizer, train_bpe_tokenizer
 
 INFO = {"tokenizer": "test", "vocab_size": 1000, "special_tokens": {"bos": 1, "eos": 2, "sol": 3, "eol": 4,

@@ -36,7 +36,7 @@ def micro_config(tmp: Path, **extra: object) -> list[str]:
 
 
 def chosen_latents(store: Path) -> list[list[int]]:
-    from megatron_bolt.latents.store import LatentStore
+    from megatron_bolt.stores.latent_store import LatentStore
 
     s = LatentStore.open(store, mode="r")
     return [np.asarray(s.chosen_latent(i)).tolist() for i in range(s.num_chunks)]
@@ -67,7 +67,7 @@ def test_full_loop_with_baseline_and_ablation(tmp_path):
     for png in ("accuracy.png", "iwae.png"):
         assert (run / png).read_bytes()[:4] == b"\x89PNG"
     # the ablation sampled one latent per chunk, the main iteration two, from the same model
-    from megatron_bolt.latents.store import LatentStore
+    from megatron_bolt.stores.latent_store import LatentStore
 
     assert LatentStore.open(run / "iter1_k1" / "latents.zarr", mode="r").samples == 1
     assert LatentStore.open(run / "iter1" / "latents.zarr", mode="r").samples == 2

@@ -9,10 +9,10 @@ import requests
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from megatron_bolt.latents.engines.base import derive_seed
-from megatron_bolt.latents.engines.local import LocalEngine
-from megatron_bolt.latents.engines.server import make_server
-from megatron_bolt.latents.engines.sglang import SGLangEngine
+from megatron_bolt.inference.base import derive_seed
+from megatron_bolt.inference.local import LocalEngine
+from megatron_bolt.inference.sglang import SGLangEngine
+from megatron_bolt.inference.sglang_standin import make_server
 
 VOCAB = 48
 STOP = [3, 17, 29]  # several stop ids so that samples end at different lengths

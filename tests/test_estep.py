@@ -17,8 +17,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from megatron_bolt.cli import main as bolt_main
-from megatron_bolt.data.chunk_store import ChunkStore, write_chunk_store
-from megatron_bolt.latents.engines.local import LocalEngine
+from megatron_bolt.inference.local import LocalEngine
 from megatron_bolt.latents.estep import (
     EStepSettings,
     iwae_bounds,
@@ -28,7 +27,8 @@ from megatron_bolt.latents.estep import (
     run_estep,
     run_iwae,
 )
-from megatron_bolt.latents.store import LatentStore
+from megatron_bolt.stores.chunk_store import ChunkStore, write_chunk_store
+from megatron_bolt.stores.latent_store import LatentStore
 
 VOCAB = 48
 SPECIAL = {"bos": 0, "eos": 1, "sol": 44, "eol": 45, "prior": 46, "posterior": 47}

@@ -20,7 +20,7 @@ from megatron_bolt.cli import main as bolt_main
 from megatron_bolt.data.formats import encode_pieces, latent_eval_pieces
 from megatron_bolt.evaluation.evaluate import build_prompt, evaluate
 from megatron_bolt.evaluation.tasks import Item, grade, last_boxed, load_items, toy_items
-from megatron_bolt.latents.engines.local import LocalEngine
+from megatron_bolt.inference.local import LocalEngine
 from megatron_bolt.tokenizer import load_tokenizer, train_bpe_tokenizer
 from megatron_bolt.toy.world import (
     ToyWorld,

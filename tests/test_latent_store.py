@@ -12,7 +12,7 @@ import zarr
 
 from megatron_bolt.cli import main as bolt_main
 from megatron_bolt.errors import UserError
-from megatron_bolt.latents.store import LatentStore
+from megatron_bolt.stores.latent_store import LatentStore
 
 
 def fake_block(store: LatentStore, b: int, seed: int = 0):
@@ -119,7 +119,7 @@ def test_write_block_validates_shapes(tmp_path):
 WRITER = textwrap.dedent(
     """
     import sys
-    from megatron_bolt.latents.store import LatentStore
+    from megatron_bolt.stores.latent_store import LatentStore
     path, first = sys.argv[1], int(sys.argv[2])
     store = LatentStore.open(path)
     for b in range(first, store.num_blocks, 2):  # this writer's shard: every other block

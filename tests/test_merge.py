@@ -11,10 +11,10 @@ import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_bolt.cli import main as bolt_main
-from megatron_bolt.data.chunk_store import ChunkStore, write_chunk_store
 from megatron_bolt.data.merge import merge_latents, output_paths
 from megatron_bolt.errors import UserError
-from megatron_bolt.latents.store import LatentStore
+from megatron_bolt.stores.chunk_store import ChunkStore, write_chunk_store
+from megatron_bolt.stores.latent_store import LatentStore
 
 REPO = Path(__file__).resolve().parents[1]
 

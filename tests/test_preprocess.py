@@ -11,9 +11,9 @@ import pytest
 
 from megatron_bolt.cli import main as bolt_main
 from megatron_bolt.data import preprocess as pp
-from megatron_bolt.data.chunk_store import ChunkStore
 from megatron_bolt.data.preprocess import PreprocessConfig, preprocess
 from megatron_bolt.errors import UserError
+from megatron_bolt.stores.chunk_store import ChunkStore
 from megatron_bolt.tokenizer import load_tokenizer, train_bpe_tokenizer
 
 

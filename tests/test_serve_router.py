@@ -15,8 +15,8 @@ import requests
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from megatron_bolt.latents.engines.local import LocalEngine
-from megatron_bolt.latents.engines.sglang import SGLangEngine
+from megatron_bolt.inference.local import LocalEngine
+from megatron_bolt.inference.sglang import SGLangEngine
 
 STOP = [3, 17, 29]
 
@@ -154,9 +154,9 @@ def test_router_fleet_matches_local_and_survives_a_dead_worker(fleet):
 def test_estep_through_router_matches_local_store_despite_a_dead_worker(fleet, tmp_path):
     import numpy as np
 
-    from megatron_bolt.data.chunk_store import ChunkStore, write_chunk_store
     from megatron_bolt.latents.estep import EStepSettings, open_or_create_store, run_estep
-    from megatron_bolt.latents.store import LatentStore
+    from megatron_bolt.stores.chunk_store import ChunkStore, write_chunk_store
+    from megatron_bolt.stores.latent_store import LatentStore
 
     model_dir, router_url, workers = fleet
     special = {"bos": 0, "eos": 1, "sol": 44, "eol": 45, "prior": 46, "posterior": 47}

@@ -106,7 +106,7 @@ def em_args(run: Path) -> list[str]:
 def test_em_iteration_through_slurm_with_a_requeued_training_job(cluster, run_dir):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    from megatron_bolt.latents.store import LatentStore
+    from megatron_bolt.stores.latent_store import LatentStore
 
     env = {**cluster, **SBATCH, "FLEET_ENGINE": "bolt", "FLEET_PORT": str(free_port())}
     dry = subprocess.run([str(EM), "--dry-run", *em_args(run_dir)[1:]], env=env, capture_output=True, text=True, timeout=60)

@@ -20,11 +20,11 @@ from conftest import REPO, bolt
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_bolt.cli import main as bolt_main
-from megatron_bolt.data.chunk_store import ChunkStore
 from megatron_bolt.errors import UserError
-from megatron_bolt.latents.store import LatentStore
 from megatron_bolt.latents.teachers import DEFAULT_PROMPT, OpenAITeacher, _retry_after
 from megatron_bolt.latents.warmstart import run_warmstart
+from megatron_bolt.stores.chunk_store import ChunkStore
+from megatron_bolt.stores.latent_store import LatentStore
 from megatron_bolt.tokenizer import load_tokenizer, train_bpe_tokenizer
 from megatron_bolt.toy.world import make_documents, teacher_latent, write_jsonl
 

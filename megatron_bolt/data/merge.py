@@ -90,7 +90,7 @@ class _Windows:
     def __init__(self, chunks_path: str, window_tokens: int):
         import zarr
 
-        from megatron_bolt.data.chunk_store import ChunkStore
+        from megatron_bolt.stores.chunk_store import ChunkStore
 
         try:
             self.store = ChunkStore.open(chunks_path)
@@ -166,7 +166,7 @@ def merge_latents(
     """
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    from megatron_bolt.latents.store import LatentStore
+    from megatron_bolt.stores.latent_store import LatentStore
 
     start_time = time.perf_counter()
     if epochs < 1:

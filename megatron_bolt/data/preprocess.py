@@ -4,7 +4,7 @@ Output, for every JSON key, `{prefix}_{key}_document.bin/.idx` written with Mega
 `IndexedDatasetBuilder`: one sequence per document (EOD appended with `append_eod`), uint16 tokens
 when the vocabulary has fewer than 65500 entries, else int32 (Megatron's `DType.optimal_dtype`).
 With `chunk_store`, the documents of the (single) key are also chunked as in method.md and written
-as a chunk store (`megatron_bolt.data.chunk_store`), chunks without EOD.
+as a chunk store (`megatron_bolt.stores.chunk_store`), chunks without EOD.
 
 Throughput: documents travel in batches; each worker process decodes and validates its batch, then
 tokenizes it with one call into the tokenizer's native batch encoder, and sends back one flat int32
@@ -380,7 +380,7 @@ def _preprocess(cfg: PreprocessConfig) -> PreprocessResult:
                  bool(cfg.chunk_store), cfg.max_doc_chars, cfg.tokenizer_threads, cfg.chunk_poisson_mean)
     try:
         if cfg.chunk_store:
-            from megatron_bolt.data.chunk_store import ChunkStoreWriter
+            from megatron_bolt.stores.chunk_store import ChunkStoreWriter
 
             chunk_writer = ChunkStoreWriter(cfg.chunk_store, tokenizer,
                                             extra_attrs={"chunk_poisson_mean": cfg.chunk_poisson_mean})

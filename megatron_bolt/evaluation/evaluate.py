@@ -132,7 +132,7 @@ def evaluate(
     from tqdm import tqdm
     from transformers import AutoConfig
 
-    from megatron_bolt.latents.engines.local import LocalEngine
+    from megatron_bolt.inference.local import LocalEngine
     from megatron_bolt.tokenizer import load_tokenizer
 
     _check_args(task, fmt, shots, limit, max_new_tokens, batch_size, model_dir)

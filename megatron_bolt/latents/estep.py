@@ -28,7 +28,7 @@ import numpy as np
 
 from megatron_bolt.data.formats import posterior_sampling_prompt, prior_scoring_sequence
 from megatron_bolt.errors import UserError
-from megatron_bolt.latents.engines.base import Engine, derive_seed
+from megatron_bolt.inference.base import Engine, derive_seed
 from megatron_bolt.tokenizer import LatentTokenIds
 
 _RESAMPLE_TAG = 0x5E5A  # separates the resampling stream from the sampling seeds
@@ -180,7 +180,7 @@ def shard_blocks(num_blocks: int, shard: tuple[int, int]) -> list[int]:
 
 def open_or_create_store(path: str, num_chunks: int, settings: EStepSettings, block_size: int, meta: dict):
     """Create the store, or open the existing one after checking it was made with the same settings."""
-    from megatron_bolt.latents.store import LatentStore
+    from megatron_bolt.stores.latent_store import LatentStore
 
     full_meta = {**meta, **settings.fingerprint()}
     store = None

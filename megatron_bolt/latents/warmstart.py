@@ -22,8 +22,8 @@ import numpy as np
 
 from megatron_bolt.errors import UserError
 from megatron_bolt.latents.estep import EStepSettings, open_or_create_store, shard_blocks
-from megatron_bolt.latents.estep_cli import open_chunks
 from megatron_bolt.latents.teachers import Teacher, TeacherError
+from megatron_bolt.stores.chunk_store import open_chunk_store
 from megatron_bolt.tokenizer import BoltTokenizer, load_tokenizer
 
 
@@ -90,7 +90,7 @@ def run_warmstart(
     """Fill every unfinished block of this shard of `out_path` with the teacher's latents."""
     if prefix_chunks < 0:
         raise UserError("--prefix-chunks must be >= 0")
-    chunks = open_chunks(chunks_path)
+    chunks = open_chunk_store(chunks_path)
     tok = corpus_tokenizer(chunks, tokenizer_path)
     specials = np.asarray(sorted(set(chunks.special_tokens.values())), dtype=np.int32)
     # K=1 and no sampling of our own: max_latent_tokens / seed do not apply (recorded as 0).

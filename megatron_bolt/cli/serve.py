@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    from megatron_bolt.latents.engines.server import serve
+    from megatron_bolt.inference.sglang_standin import serve
 
     serve(args.model, args.host, args.port, args.device)
     return 0

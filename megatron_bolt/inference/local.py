@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from megatron_bolt.latents.engines.base import Engine, Sample, per_prompt_seeds, sample_seed, step_uniforms
+from megatron_bolt.inference.base import Engine, Sample, per_prompt_seeds, sample_seed, step_uniforms
 
 
 @dataclass

@@ -38,34 +38,16 @@ def make_engine(args: argparse.Namespace):
     if args.engine == "sglang":
         if not args.server:
             raise UserError("--engine sglang needs --server URL [URL ...]")
-        from megatron_bolt.latents.engines.sglang import SGLangEngine
+        from megatron_bolt.inference.sglang import SGLangEngine
 
         return SGLangEngine(args.server, concurrency=args.concurrency)
     import torch
 
-    from megatron_bolt.latents.engines.local import LocalEngine
+    from megatron_bolt.inference.local import LocalEngine
 
     if args.threads:
         torch.set_num_threads(args.threads)
     return LocalEngine(args.model, device=args.device, max_batch_rows=args.batch_rows)
-
-
-def open_chunks(path: str):
-    from megatron_bolt.data.chunk_store import ChunkStore
-
-    try:
-        return ChunkStore.open(path)
-    except FileNotFoundError:
-        raise UserError(f"{path}: no chunk store there") from None
-
-
-def existing_block_size(path: str) -> int | None:
-    from megatron_bolt.latents.store import LatentStore
-
-    try:
-        return LatentStore.open(path, mode="r").block_size
-    except UserError:
-        return None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,11 +62,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from megatron_bolt.latents.estep import EStepSettings, open_or_create_store, parse_shard, run_estep
+    from megatron_bolt.stores.chunk_store import open_chunk_store
+    from megatron_bolt.stores.latent_store import existing_block_size
 
     if args.samples < 1:
         raise UserError("--samples must be >= 1")
     shard = parse_shard(args.shard)
-    chunks = open_chunks(args.chunks)
+    chunks = open_chunk_store(args.chunks)
     settings = EStepSettings(args.samples, args.prefix_chunks, args.max_latent_tokens, args.seed)
     meta = {"engine": args.engine, "model": os.path.abspath(args.model), "chunks": str(args.chunks)}
     block_size = args.block_size or existing_block_size(args.out) or 256

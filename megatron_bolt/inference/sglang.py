@@ -25,7 +25,7 @@ from typing import Any
 
 import requests
 
-from megatron_bolt.latents.engines.base import Engine, Sample, per_prompt_seeds, sample_seed
+from megatron_bolt.inference.base import Engine, Sample, per_prompt_seeds, sample_seed
 
 log = logging.getLogger(__name__)
 

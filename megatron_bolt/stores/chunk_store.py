@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from megatron_bolt.errors import UserError
+
 FORMAT_VERSION = 1
 TOKENS_BLOCK = 1 << 20  # tokens per zarr chunk (4 MiB raw)
 INDEX_BLOCK = 1 << 18
@@ -266,3 +268,11 @@ class ChunkStore:
         else:
             self._cache.move_to_end(b)
         return block
+
+
+def open_chunk_store(path: str) -> ChunkStore:
+    """Open a chunk store, or fail with one line naming the path."""
+    try:
+        return ChunkStore.open(path)
+    except FileNotFoundError:
+        raise UserError(f"{path}: no chunk store there") from None

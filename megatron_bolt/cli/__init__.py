@@ -14,22 +14,22 @@ from megatron_bolt.errors import UserError
 
 # name -> (module, one-line help). Nested groups use "group name".
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("megatron_bolt.training.cli", "train a model with Megatron-Core (torchrun / srun / local launch)"),
-    "score": ("megatron_bolt.training.score_cli", "summed log-probabilities of token sequences under a Megatron checkpoint"),
-    "eval": ("megatron_bolt.evaluation.cli", "few-shot greedy evaluation (toy, GSM8K, MATH) of an HF export, in latent space or raw"),
-    "generate": ("megatron_bolt.generate_cli", "KV-cached continuation of token prompts under a gpt or ponder checkpoint"),
-    "merge": ("megatron_bolt.data.merge_cli", "merge chosen latents into a Megatron .bin/.idx (prior/posterior forms)"),
-    "latents status": ("megatron_bolt.latents.store_cli", "how many blocks of a latent store are done"),
-    "em": ("megatron_bolt.em_cli", "the BoLT EM loop: warm start, then E-step / merge / train / evaluate per iteration"),
-    "demo": ("megatron_bolt.demo", "run the embedded default end to end on this machine"),
-    "preprocess": ("megatron_bolt.data.preprocess_cli", "tokenize JSONL/Parquet into Megatron .bin/.idx and a BoLT chunk store"),
-    "tokenizer train": ("megatron_bolt.tokenizer_cli", "train a small byte-level BPE that includes the latent special tokens"),
-    "estep": ("megatron_bolt.latents.estep_cli", "E-step: sample K latents per chunk, importance-weight, resample, write a latent store"),
-    "warmstart": ("megatron_bolt.latents.warmstart_cli", "warm start: one latent per chunk from a teacher (toy or OpenAI-compatible) into a latent store"),
-    "iwae": ("megatron_bolt.latents.iwae_cli", "IWAE bound logsumexp(log w_1..n) - log n on validation chunks"),
-    "serve": ("megatron_bolt.latents.serve_cli", "serve an HF export over SGLang's native /generate API (CPU fleet / tests)"),
-    "convert hf-to-mcore": ("megatron_bolt.convert.cli", "HF LlamaForCausalLM directory -> Megatron-Core distributed checkpoint"),
-    "convert mcore-to-hf": ("megatron_bolt.convert.cli", "Megatron-Core checkpoint -> HF LlamaForCausalLM directory (safetensors)"),
+    "train": ("megatron_bolt.cli.train", "train a model with Megatron-Core (torchrun / srun / local launch)"),
+    "score": ("megatron_bolt.cli.score", "summed log-probabilities of token sequences under a Megatron checkpoint"),
+    "eval": ("megatron_bolt.cli.eval", "few-shot greedy evaluation (toy, GSM8K, MATH) of an HF export, in latent space or raw"),
+    "generate": ("megatron_bolt.cli.generate", "KV-cached continuation of token prompts under a gpt or ponder checkpoint"),
+    "merge": ("megatron_bolt.cli.merge", "merge chosen latents into a Megatron .bin/.idx (prior/posterior forms)"),
+    "latents status": ("megatron_bolt.cli.latents_status", "how many blocks of a latent store are done"),
+    "em": ("megatron_bolt.cli.em", "the BoLT EM loop: warm start, then E-step / merge / train / evaluate per iteration"),
+    "demo": ("megatron_bolt.cli.demo", "run the embedded default end to end on this machine"),
+    "preprocess": ("megatron_bolt.cli.preprocess", "tokenize JSONL/Parquet into Megatron .bin/.idx and a BoLT chunk store"),
+    "tokenizer train": ("megatron_bolt.cli.tokenizer_train", "train a small byte-level BPE that includes the latent special tokens"),
+    "estep": ("megatron_bolt.cli.estep", "E-step: sample K latents per chunk, importance-weight, resample, write a latent store"),
+    "warmstart": ("megatron_bolt.cli.warmstart", "warm start: one latent per chunk from a teacher (toy or OpenAI-compatible) into a latent store"),
+    "iwae": ("megatron_bolt.cli.iwae", "IWAE bound logsumexp(log w_1..n) - log n on validation chunks"),
+    "serve": ("megatron_bolt.cli.serve", "serve an HF export over SGLang's native /generate API (CPU fleet / tests)"),
+    "convert hf-to-mcore": ("megatron_bolt.cli.convert", "HF LlamaForCausalLM directory -> Megatron-Core distributed checkpoint"),
+    "convert mcore-to-hf": ("megatron_bolt.cli.convert", "Megatron-Core checkpoint -> HF LlamaForCausalLM directory (safetensors)"),
 }
 
 

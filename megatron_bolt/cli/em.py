@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_bolt.em import EMDriver
+    from megatron_bolt.em.driver import EMDriver
 
     EMDriver(load_em_config(args.config, args.overrides)).run()
     return 0

@@ -251,3 +251,11 @@ def _exists(path: str) -> bool:
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
         return False
     return True
+
+
+def existing_block_size(path: str) -> int | None:
+    """The block size of the latent store at `path`, or None when there is none yet."""
+    try:
+        return LatentStore.open(path, mode="r").block_size
+    except UserError:
+        return None

@@ -76,7 +76,7 @@ class EMDriver:
         self.root = Path(cfg.output_dir)
         self.data = self.root / "data"
         self.tokenizer_dir = self.data / "tokenizer"
-        self.repo = Path(__file__).resolve().parents[1]
+        self.repo = Path(__file__).resolve().parents[2]
 
     # ------------------------------------------------------------------ running steps
     def bolt(self, stage: Stage, step: str, args: list[str], clean: tuple[Path, ...] = ()) -> str:

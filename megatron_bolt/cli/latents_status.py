@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from megatron_bolt.latents.store import LatentStore
+from megatron_bolt.stores.latent_store import LatentStore
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

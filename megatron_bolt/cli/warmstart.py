@@ -52,9 +52,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from megatron_bolt.latents.estep import parse_shard
-    from megatron_bolt.latents.estep_cli import existing_block_size
     from megatron_bolt.latents.teachers import make_teacher
     from megatron_bolt.latents.warmstart import run_warmstart
+    from megatron_bolt.stores.latent_store import existing_block_size
 
     shard = parse_shard(args.shard)
     if args.block_size is not None and args.block_size < 1:

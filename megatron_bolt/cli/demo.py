@@ -13,7 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from megatron_bolt.config import load_em_config
-    from megatron_bolt.em import EMDriver
+    from megatron_bolt.em.driver import EMDriver
 
     if args.fresh:
         shutil.rmtree(args.output_dir, ignore_errors=True)

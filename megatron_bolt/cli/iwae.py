@@ -6,8 +6,9 @@ import argparse
 import json
 import os
 
+from megatron_bolt.cli.estep import add_engine_arguments, make_engine
 from megatron_bolt.errors import UserError
-from megatron_bolt.latents.estep_cli import add_engine_arguments, make_engine, open_chunks
+from megatron_bolt.stores.chunk_store import open_chunk_store
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--samples {args.samples!r}: expected comma-separated integers") from None
     if not ns or ns[0] < 1:
         raise UserError("--samples values must be >= 1")
-    chunks = open_chunks(args.chunks)
+    chunks = open_chunk_store(args.chunks)
     engine = make_engine(args)
     settings = EStepSettings(max(ns), args.prefix_chunks, args.max_latent_tokens, args.seed)
     try:

@@ -66,7 +66,7 @@ def generate_file(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_bolt.training.cli import quiet_warnings
+    from megatron_bolt.cli.train import quiet_warnings
 
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be >= 1")

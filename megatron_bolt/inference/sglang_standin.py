@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from megatron_bolt.latents.engines.local import LocalEngine, RowResult
+from megatron_bolt.inference.local import LocalEngine, RowResult
 
 VERSION = "0.5.0-bolt"
 DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's default

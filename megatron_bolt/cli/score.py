@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_bolt.training.cli import quiet_warnings
+    from megatron_bolt.cli.train import quiet_warnings
 
     if "RANK" not in os.environ and args.nproc_per_node > 1:
         cmd = [
