@@ -16,68 +16,12 @@
 
 from __future__ import annotations
 
-import logging
-import random
-import threading
-import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import requests
-
 from megatron_bolt.inference.base import Engine, Sample, per_prompt_seeds, sample_seed
+from megatron_bolt.inference.http import EngineError, HTTPPool
 
-log = logging.getLogger(__name__)
-
-
-class EngineError(RuntimeError):
-    """A request could not be completed (bad request, or every retry failed)."""
-
-
-class _Retryable(Exception):
-    pass
-
-
-class ServerPool:
-    """Round-robin over servers; servers that keep failing sit out a cooldown."""
-
-    def __init__(self, urls: list[str], failure_threshold: int = 2, cooldown_s: float = 30.0) -> None:
-        if not urls:
-            raise ValueError("no server URLs")
-        self.urls = [u.rstrip("/") for u in urls]
-        self.failure_threshold, self.cooldown_s = failure_threshold, cooldown_s
-        self.failures = {u: 0 for u in self.urls}
-        self.down_until = {u: 0.0 for u in self.urls}
-        self.lock = threading.Lock()
-        self.next = 0
-
-    def pick(self) -> str:
-        with self.lock:
-            now = time.monotonic()
-            for k in range(len(self.urls)):
-                u = self.urls[(self.next + k) % len(self.urls)]
-                if self.down_until[u] <= now:
-                    self.next = (self.next + k + 1) % len(self.urls)
-                    return u
-            # Everyone is cooling down: try the one that comes back first rather than stall.
-            return min(self.urls, key=lambda x: self.down_until[x])
-
-    def ok(self, url: str) -> None:
-        with self.lock:
-            self.failures[url] = 0
-            self.down_until[url] = 0.0
-
-    def failed(self, url: str) -> None:
-        with self.lock:
-            self.failures[url] += 1
-            if self.failures[url] >= self.failure_threshold and len(self.urls) > 1:
-                if self.down_until[url] <= time.monotonic():
-                    log.warning("sglang engine: %s out of rotation for %.0fs", url, self.cooldown_s)
-                self.down_until[url] = time.monotonic() + self.cooldown_s
-
-    def healthy(self) -> list[str]:
-        now = time.monotonic()
-        return [u for u in self.urls if self.down_until[u] <= now]
+__all__ = ["EngineError", "SGLangEngine"]
 
 
 class SGLangEngine(Engine):
@@ -92,48 +36,18 @@ class SGLangEngine(Engine):
         failure_threshold: int = 2,
         cooldown_s: float = 30.0,
     ) -> None:
-        self.pool = ServerPool([urls] if isinstance(urls, str) else list(urls), failure_threshold, cooldown_s)
-        self.timeout_s, self.retries = timeout_s, retries
-        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
-        self.executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="sglang-client")
-        self._local = threading.local()
+        self.http = HTTPPool(urls, concurrency, timeout_s, retries, backoff_s, max_backoff_s, failure_threshold,
+                             cooldown_s, name="sglang-client")
+        self.pool = self.http.pool
 
     def close(self) -> None:
-        self.executor.shutdown(wait=False, cancel_futures=True)
-
-    # ---------------------------------------------------------------------------------- transport
-    def _session(self) -> requests.Session:
-        s = getattr(self._local, "session", None)
-        if s is None:
-            s = self._local.session = requests.Session()
-        return s
+        self.http.close()
 
     def _post(self, payload: dict) -> dict:
-        delay = self.backoff_s
-        last = "no attempt"
-        for attempt in range(self.retries + 1):
-            url = self.pool.pick()
-            try:
-                r = self._session().post(f"{url}/generate", json=payload, timeout=self.timeout_s)
-                if r.status_code >= 500:
-                    raise _Retryable(f"HTTP {r.status_code}: {r.text[:200]}")
-                if r.status_code != 200:
-                    raise EngineError(f"{url}/generate: HTTP {r.status_code}: {r.text[:500]}")
-                body = r.json()
-                self.pool.ok(url)
-                return body
-            except (requests.ConnectionError, requests.Timeout, _Retryable, ValueError) as exc:
-                # ValueError: a truncated/garbled body from a dying server is worth a retry too.
-                self.pool.failed(url)
-                last = f"{url}: {type(exc).__name__}: {exc}"
-                if attempt == self.retries:
-                    break
-                time.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, self.max_backoff_s)
-        raise EngineError(f"/generate failed after {self.retries + 1} attempts; last error {last}")
+        return self.http.post("/generate", payload)
 
     def _map(self, fn, jobs: list) -> list:
-        return list(self.executor.map(fn, jobs))
+        return self.http.map(fn, jobs)
 
     # ---------------------------------------------------------------------------------- interface
     @staticmethod
