@@ -16,16 +16,27 @@ from megatron_bolt.errors import UserError
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="HF export directory of the current model")
     parser.add_argument("--chunks", required=True, help="chunk store (zarr) from preprocessing")
-    parser.add_argument("--engine", choices=["local", "sglang"], default="local",
-                        help="local: transformers in this process; sglang: HTTP client of --server")
+    parser.add_argument("--engine", choices=["local", "vllm", "sglang", "vllm-server"], default="local",
+                        help="local: transformers in this process; vllm: vLLM in this process; "
+                             "sglang / vllm-server: HTTP client of the SGLang / vLLM servers at --server")
     parser.add_argument("--server", nargs="+", default=[], metavar="URL",
-                        help="sglang engine: one router URL, or several server URLs (round robin)")
-    parser.add_argument("--concurrency", type=int, default=64, help="sglang engine: requests in flight")
+                        help="sglang / vllm-server engines: one router URL, or several server URLs (round robin)")
+    parser.add_argument("--concurrency", type=int, default=64, help="server engines: requests in flight")
     parser.add_argument("--device", default=None, help="local engine: torch device (default cuda if available)")
     parser.add_argument("--threads", type=int, default=None,
-                        help="local engine: torch CPU threads (1 is fastest for small models on busy machines)")
+                        help="local and vllm engines: torch CPU threads (1 is fastest for small models on busy machines)")
     parser.add_argument("--batch-rows", type=int, default=64,
-                        help="local engine: (chunk, sample) rows decoded together (raise on a GPU)")
+                        help="local engine: (chunk, sample) rows decoded together (raise on a GPU); "
+                             "vllm engine: most sequences in one vLLM batch (max_num_seqs)")
+    parser.add_argument("--kv-cache-gib", type=float, default=2.0,
+                        help="vllm engine: KV cache size in GiB (default 2; vLLM would take 90%% of RAM on CPU). "
+                             "Raise on a GPU, e.g. to most of its free memory")
+    parser.add_argument("--vllm-dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
+                        help="vllm engine: weights and activations (default float32, as the local engine: "
+                             "log w is a difference of summed log-probs)")
+    parser.add_argument("--vllm-graphs", action="store_true",
+                        help="vllm engine: torch.compile and CUDA graphs instead of eager mode (GPU: faster "
+                             "decoding after a warm-up of a minute or more)")
     parser.add_argument("--prefix-chunks", type=int, default=3, help="previous chunks given as context (default 3)")
     parser.add_argument("--max-latent-tokens", type=int, default=1024, help="cap on a latent's length (default 1024)")
     parser.add_argument("--seed", type=int, default=0, help="run seed; same seed, same latents")
@@ -35,18 +46,27 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 def make_engine(args: argparse.Namespace):
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         raise UserError(f"{args.model}: no config.json (expected an HF export directory)")
-    if args.engine == "sglang":
+    if args.engine in ("sglang", "vllm-server"):
         if not args.server:
-            raise UserError("--engine sglang needs --server URL [URL ...]")
-        from megatron_bolt.inference.sglang import SGLangEngine
+            raise UserError(f"--engine {args.engine} needs --server URL [URL ...]")
+        if args.engine == "sglang":
+            from megatron_bolt.inference.sglang import SGLangEngine
 
-        return SGLangEngine(args.server, concurrency=args.concurrency)
+            return SGLangEngine(args.server, concurrency=args.concurrency)
+        from megatron_bolt.inference.vllm_server import VLLMServerEngine
+
+        return VLLMServerEngine(args.server, concurrency=args.concurrency)
     import torch
-
-    from megatron_bolt.inference.local import LocalEngine
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.engine == "vllm":
+        from megatron_bolt.inference.vllm import VLLMEngine
+
+        return VLLMEngine(args.model, dtype=args.vllm_dtype, kv_cache_gib=args.kv_cache_gib,
+                          max_num_seqs=args.batch_rows, eager=not args.vllm_graphs)
+    from megatron_bolt.inference.local import LocalEngine
+
     return LocalEngine(args.model, device=args.device, max_batch_rows=args.batch_rows)
 
 

@@ -33,6 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=256, help="generation budget per item (default 256)")
     p.add_argument("--batch-size", type=int, default=32, help="prompts decoded together (default 32)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated toy items (default 0)")
+    p.add_argument("--engine", default="local", choices=("local", "vllm"),
+                   help="local (default): transformers in this process; vllm: vLLM in this process")
+    p.add_argument("--kv-cache-gib", type=float, default=2.0,
+                   help="vllm engine: KV cache size in GiB (default 2; raise on a GPU)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -41,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     result = evaluate(
         args.model, args.task, args.data, shots=args.shots, limit=args.limit, out_dir=args.out, fmt=args.fmt,
         max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, exemplars=args.exemplars, seed=args.seed,
+        engine=args.engine, kv_cache_gib=args.kv_cache_gib,
     )
     print(f"exemplars: {result['exemplars']}")
     print(summary_line(result))

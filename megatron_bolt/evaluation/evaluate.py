@@ -96,6 +96,9 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+ENGINES = ("local", "vllm")
+
+
 def _check_args(task, fmt, shots, limit, max_new_tokens, batch_size, model_dir) -> None:
     if task not in TASKS:
         raise UserError(f"unknown task {task!r} (choose from {', '.join(TASKS)})")
@@ -122,8 +125,13 @@ def evaluate(
     batch_size: int = 32,
     exemplars: str | None = None,
     seed: int = 0,
+    engine: str = "local",
+    kv_cache_gib: float = 2.0,
 ) -> dict:
     """Few-shot greedy evaluation of the HF export `model_dir` on `task` (toy, gsm8k, math).
+
+    engine: "local" (transformers in this process) or "vllm" (vLLM in this process, with a KV cache
+    of kv_cache_gib); both decode greedily and stop at the same token.
 
     data: a JSONL file in the task's public format; None for toy generates `limit` (default 200)
     held-out problems with `seed`. Returns {"task", "format", "accuracy", "correct", "n", "shots",
@@ -132,10 +140,11 @@ def evaluate(
     from tqdm import tqdm
     from transformers import AutoConfig
 
-    from megatron_bolt.inference.local import LocalEngine
     from megatron_bolt.tokenizer import load_tokenizer
 
     _check_args(task, fmt, shots, limit, max_new_tokens, batch_size, model_dir)
+    if engine not in ENGINES:
+        raise UserError(f"unknown engine {engine!r} (choose from {', '.join(ENGINES)})")
     shot_items, items, info = _select_items(task, data, shots, limit, exemplars, seed)
     tokenizer = load_tokenizer(model_dir)
     prompts = [build_prompt(it, shot_items, fmt, tokenizer) for it in items]
@@ -157,7 +166,14 @@ def evaluate(
         if truncated:
             print(f"eval: {truncated} prompt(s) longer than the model's context ({context}) less --max-new-tokens "
                   f"({max_new_tokens}) lost their oldest tokens; fewer --shots would keep them whole", file=sys.stderr)
-    engine = LocalEngine(model_dir, max_batch_rows=batch_size)
+    if engine == "vllm":
+        from megatron_bolt.inference.vllm import VLLMEngine
+
+        runner = VLLMEngine(model_dir, kv_cache_gib=kv_cache_gib, max_num_seqs=batch_size)
+    else:
+        from megatron_bolt.inference.local import LocalEngine
+
+        runner = LocalEngine(model_dir, max_batch_rows=batch_size)
 
     stop_ids = [tokenizer.eos_id] + ([tokenizer.latent.sol] if tokenizer.latent is not None else [])
     # The stop string can only have appeared in the last few tokens (each token adds >= 1 byte).
@@ -172,7 +188,7 @@ def evaluate(
     bar = tqdm(total=len(items), unit="item", file=sys.stderr, desc=f"eval {task}", dynamic_ncols=True)
     for k in range(0, len(order), batch_size):
         idx = order[k : k + batch_size]
-        results = engine.generate_greedy([prompts[i] for i in idx], max_new_tokens, stop_ids, stop_check)
+        results = runner.generate_greedy([prompts[i] for i in idx], max_new_tokens, stop_ids, stop_check)
         for i, r in zip(idx, results):
             text = completion_text(r.tokens, r.stop_token, tokenizer)
             extracted, correct = grade(task, text, items[i].answer)
@@ -181,13 +197,14 @@ def evaluate(
                        "generation": text, "extracted": extracted, "correct": bool(correct)}
         bar.update(len(idx))
     bar.close()
+    runner.close()
 
     n = len(rows)
     correct = sum(r["correct"] for r in rows)  # type: ignore[index]
     result = {
         "task": task, "format": fmt, "accuracy": correct / n, "correct": correct, "n": n, "shots": shots,
         "model": str(model_dir), **info, "limit": limit, "max_new_tokens": max_new_tokens, "seed": seed,
-        "truncated_prompts": truncated,
+        "truncated_prompts": truncated, "engine": engine,
     }
     if out_dir is not None:
         out = Path(out_dir)
