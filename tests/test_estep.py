@@ -85,9 +85,8 @@ def run_local(chunks_path, model_dir, out, samples=3, shard=(0, 1), block_size=3
     return LatentStore.open(out, mode="r")
 
 
-def test_weights_match_independent_transformers(setup):
-    root, model_dir, chunks_path, docs = setup
-    store = run_local(chunks_path, model_dir, str(root / "w.zarr"))
+def assert_weights_match(store: LatentStore, model_dir: str, docs, samples: int = 3) -> None:
+    """log q, log p and log w of every latent in `store` equal an independent transformers computation."""
     ref = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     s = SPECIAL
     finished_seen = set()
@@ -95,7 +94,7 @@ def test_weights_match_independent_transformers(setup):
         rec = store.read_chunk(i)
         x = docs[d][j]
         prefix = [t for c in docs[d][max(0, j - PREFIX):j] for t in c]
-        assert len(rec["latents"]) == 3
+        assert len(rec["latents"]) == samples
         for k, z in enumerate(rec["latents"]):
             z = [int(t) for t in z]
             finished = len(z) < MAX_LATENT  # a latent that stopped on EoL is shorter than the cap
@@ -108,8 +107,13 @@ def test_weights_match_independent_transformers(setup):
             assert abs(rec["log_q"][k] - log_q) < 1e-3
             assert abs(rec["log_p"][k] - log_p) < 1e-3
             assert abs(rec["log_w"][k] - (log_p - log_q)) < 1e-3
-        assert 0 <= rec["chosen"] < 3
+        assert 0 <= rec["chosen"] < samples
     assert finished_seen == {True, False}, "want both finished and truncated latents in the test data"
+
+
+def test_weights_match_independent_transformers(setup):
+    root, model_dir, chunks_path, docs = setup
+    assert_weights_match(run_local(chunks_path, model_dir, str(root / "w.zarr")), model_dir, docs)
 
 
 def test_resampling_frequencies_match_softmax():
