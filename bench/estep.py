@@ -1,14 +1,18 @@
-"""E-step throughput of the local engine vs a one-prompt-at-a-time `generate` loop.
+"""E-step throughput of the local engine vs a one-prompt-at-a-time `generate` loop, and vs vLLM.
 
 Builds a random Llama-style model from a config (no downloads) and a random chunk store, then:
   1. baseline: for every (chunk, sample), `model.generate(do_sample=True, temperature=1, top_k=0)`
      on the posterior prompt, log q from the returned logits (what a straightforward script does);
   2. the E-step's `sample_and_weight` with the local engine: all (chunk, sample) rows batched with a
-     KV cache, then batched scoring of `SoL PRIOR Z EoL X`.
-Reports latents/s and latent tokens/s of both, the speed-up, and scoring time / sampling time.
-A random model rarely emits EoL, so latents mostly run to --max-latent-tokens in both paths.
+     KV cache, then batched scoring of `SoL PRIOR Z EoL X`;
+  3. with --vllm, the same `sample_and_weight` with the in-process vLLM engine, side by side with
+     the local one: whole E-step, sampling and scoring. Both engines then also score the same
+     (prompt, continuation) pairs (the latents vLLM sampled), so scoring is compared on equal work.
+Reports latents/s and latent tokens/s, the speed-ups, and scoring time / sampling time.
+A random model rarely emits EoL, so latents mostly run to --max-latent-tokens in every path.
 
     .venv/bin/python bench/estep.py [--chunks 16 --samples 4 --max-latent-tokens 64 --layers 4 --hidden 256]
+    .venv/bin/python bench/estep.py --threads 2 --vllm --baseline-chunks 0      # local vs vLLM only
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from megatron_bolt.data.formats import posterior_sampling_prompt, prior_scoring_sequence
+from megatron_bolt.inference.base import Engine
 from megatron_bolt.inference.local import LocalEngine
 from megatron_bolt.latents.estep import EStepSettings, latent_ids, sample_and_weight
 from megatron_bolt.stores.chunk_store import ChunkStore, write_chunk_store
@@ -98,7 +103,9 @@ def main() -> None:
     ap.add_argument("--vocab", type=int, default=8000)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    ap.add_argument("--baseline-chunks", type=int, default=None, help="time the baseline on fewer chunks")
+    ap.add_argument("--baseline-chunks", type=int, default=None, help="time the baseline on fewer chunks (0: skip it)")
+    ap.add_argument("--vllm", action="store_true", help="also run the E-step through the in-process vLLM engine")
+    ap.add_argument("--kv-cache-gib", type=float, default=1.0, help="vLLM engine's KV cache")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -106,37 +113,100 @@ def main() -> None:
         model_dir, chunks_path = build(tmp, args)
         chunks = ChunkStore.open(chunks_path)
         idx = list(range(min(args.chunks, chunks.num_chunks)))
-        engine = LocalEngine(model_dir, device=args.device)
         settings = EStepSettings(args.samples, args.prefix_chunks, args.max_latent_tokens, seed=0)
-        sample_and_weight(engine, chunks, idx[:2], settings, block=999)  # warm-up
-        t0 = time.perf_counter()
-        res = sample_and_weight(engine, chunks, idx, settings, block=0)
-        local_s = time.perf_counter() - t0
-        base_idx = idx[: args.baseline_chunks or len(idx)]
-        base_sample_s, base_score_s, base_tokens = baseline(model_dir, chunks, base_idx, args)
+        engines: dict[str, Engine] = {"local": LocalEngine(model_dir, device=args.device)}
+        if args.vllm:
+            from megatron_bolt.inference.vllm import VLLMEngine
+
+            engines["vllm"] = VLLMEngine(model_dir, kv_cache_gib=args.kv_cache_gib)
+        runs = {name: timed_estep(eng, chunks, idx, settings) for name, eng in engines.items()}
+        if args.vllm:
+            # equal work for scoring: both engines score the latents vLLM sampled
+            prompts, conts = scoring_pairs(chunks, idx, runs["vllm"][1], args.prefix_chunks)
+            for name, eng in engines.items():
+                t0 = time.perf_counter()
+                eng.score(prompts, conts)
+                runs[name] = (*runs[name], time.perf_counter() - t0)
+        base_idx = idx[: len(idx) if args.baseline_chunks is None else args.baseline_chunks]
+        if base_idx:
+            base_sample_s, base_score_s, base_tokens = baseline(model_dir, chunks, base_idx, args)
+        for eng in engines.values():
+            eng.close()
     n_lat = len(idx) * args.samples
-    n_base = len(base_idx) * args.samples
+    local_s, res = runs["local"][:2]
     lat_tokens = res.latent_tokens + int(res.finished.sum())  # generated tokens incl. EoL
     report = {
         "device": args.device if args.device != "cpu" else f"cpu ({platform.processor() or platform.machine()}, "
                   f"{torch.get_num_threads()} threads)",
         "model": f"llama L{args.layers} d{args.hidden} V{args.vocab}",
+        "parameters_M": round(params_m(args), 1),
         "chunks": len(idx), "samples": args.samples, "max_latent_tokens": args.max_latent_tokens,
         # whole E-step (sample + score + weights + resample) per latent
         "local_latents_per_s": n_lat / local_s,
         "local_latent_tokens_per_s": lat_tokens / local_s,
-        "baseline_latents_per_s": n_base / (base_sample_s + base_score_s),
-        "speedup": (n_lat / local_s) / (n_base / (base_sample_s + base_score_s)),
-        # sampling alone
         "local_sampling_latent_tokens_per_s": lat_tokens / res.sample_seconds,
-        "baseline_sampling_latent_tokens_per_s": base_tokens / base_sample_s,
-        "sampling_speedup": (n_lat / res.sample_seconds) / (n_base / base_sample_s),
         "sampling_s": res.sample_seconds,
         "scoring_s": res.score_seconds,
         "scoring_share_of_sampling": res.score_seconds / res.sample_seconds,
-        "baseline_scoring_share_of_sampling": base_score_s / base_sample_s,
     }
+    if base_idx:
+        n_base = len(base_idx) * args.samples
+        report.update({
+            "baseline_latents_per_s": n_base / (base_sample_s + base_score_s),
+            "speedup": (n_lat / local_s) / (n_base / (base_sample_s + base_score_s)),
+            "baseline_sampling_latent_tokens_per_s": base_tokens / base_sample_s,
+            "sampling_speedup": (n_lat / res.sample_seconds) / (n_base / base_sample_s),
+            "baseline_scoring_share_of_sampling": base_score_s / base_sample_s,
+        })
+    if args.vllm:
+        v_s, v_res, v_score_same = runs["vllm"]
+        v_tokens = v_res.latent_tokens + int(v_res.finished.sum())
+        local_score_same = runs["local"][2]
+        report.update({
+            "vllm_latents_per_s": n_lat / v_s,
+            "vllm_latent_tokens_per_s": v_tokens / v_s,
+            "vllm_sampling_latent_tokens_per_s": v_tokens / v_res.sample_seconds,
+            "vllm_sampling_s": v_res.sample_seconds,
+            "vllm_scoring_s": v_res.score_seconds,
+            "scoring_same_pairs_s": {"local": local_score_same, "vllm": v_score_same},
+            # local speed relative to vLLM's (> 1: local faster); per latent token for the E-step and
+            # sampling (the engines draw different latents), on identical pairs for scoring
+            "local_vs_vllm": {
+                "estep": (lat_tokens / local_s) / (v_tokens / v_s),
+                "sampling": (lat_tokens / res.sample_seconds) / (v_tokens / v_res.sample_seconds),
+                "scoring": v_score_same / local_score_same,
+            },
+        })
     print(json.dumps(report, indent=2))
+
+
+def timed_estep(engine: Engine, chunks: ChunkStore, idx: list[int], settings: EStepSettings):
+    """(seconds, BlockResult) of one E-step block over idx, after a two-chunk warm-up."""
+    sample_and_weight(engine, chunks, idx[:2], settings, block=999)
+    t0 = time.perf_counter()
+    res = sample_and_weight(engine, chunks, idx, settings, block=0)
+    return time.perf_counter() - t0, res
+
+
+def scoring_pairs(chunks: ChunkStore, idx: list[int], res, prefix_chunks: int):
+    """The E-step's log p (prompt, continuation) pairs for the latents in `res`."""
+    ids = latent_ids(chunks.special_tokens)
+    bos = [int(chunks.special_tokens["bos"])]
+    prompts, conts = [], []
+    for j, i in enumerate(idx):
+        prefix = [int(t) for t in chunks.prefix_tokens(i, prefix_chunks)]
+        x = [int(t) for t in chunks.chunk_tokens(i)]
+        for z in res.latents[j]:
+            seq, start = prior_scoring_sequence(prefix, list(z), x, ids)
+            prompts.append(bos + seq[:start])
+            conts.append(seq[start:])
+    return prompts, conts
+
+
+def params_m(args) -> float:
+    h, f, v, L = args.hidden, args.hidden * 11 // 4, args.vocab, args.layers
+    kv = max(1, h // 256) * (h // max(1, h // 64))
+    return (2 * v * h + L * (2 * h * h + 2 * h * kv + 3 * h * f)) / 1e6
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ killed with -9 and resumed). Weights against transformers, the same latents from
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -27,6 +28,8 @@ from megatron_bolt.inference.vllm import VLLMEngine
 from megatron_bolt.latents.estep import latent_ids
 from megatron_bolt.stores.chunk_store import ChunkStore, write_chunk_store
 from megatron_bolt.stores.latent_store import LatentStore
+from megatron_bolt.tokenizer import train_bpe_tokenizer
+from megatron_bolt.toy.world import make_documents, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -195,3 +198,27 @@ def test_vllm_server_estep_kill9_resume(world, vllm_store, vllm_server):
     assert_weights_match(store, model_dir, docs, SAMPLES)
     # every chunk there once, with the in-process engine's latents: per-request seeds, whatever the batching
     assert_same_store(vllm_store, store)
+
+
+def test_eval_through_vllm_matches_local(tmp_path):
+    """`bolt eval --engine vllm`: the same greedy generations, grades and accuracy as the local engine."""
+    docs = tmp_path / "docs.jsonl"
+    write_jsonl(docs, [{"text": t} for t in make_documents(50, 0)])
+    tok = train_bpe_tokenizer([str(docs)], 320, str(tmp_path / "hf"))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+                      bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # clear argmax margins: fp32 rounding differences cannot flip a token
+        model.lm_head.weight.mul_(8.0)
+    model.save_pretrained(tmp_path / "hf")
+    runs = {}
+    for name in ("local", "vllm"):
+        out = tmp_path / name
+        rc = bolt_main(["eval", "--model", str(tmp_path / "hf"), "--task", "toy", "--limit", "6", "--shots", "2",
+                        "--max-new-tokens", "40", "--engine", name, "--kv-cache-gib", str(KV_GIB), "--out", str(out)])
+        assert rc == 0
+        runs[name] = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    assert len(runs["vllm"]) == 6 and runs["vllm"] == runs["local"]
+    assert any(r["generation"] for r in runs["vllm"])

