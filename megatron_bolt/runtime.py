@@ -80,8 +80,20 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_min: int = 30) -> DistEnv:
-    """Start torch.distributed (NCCL on GPU, gloo on CPU) and Megatron-Core's TP/PP/DP groups."""
+def init_distributed(
+    tp: int = 1,
+    pp: int = 1,
+    seed: int = 1234,
+    timeout_min: int = 30,
+    vp: int | None = None,
+    gloo_process_groups: bool = True,
+) -> DistEnv:
+    """Start torch.distributed (NCCL on GPU, gloo on CPU) and Megatron-Core's TP/PP/DP groups.
+
+    Only the backend and the device depend on CUDA; the parallel state is created with the same
+    arguments either way (`gloo_process_groups` is Megatron-LM's --disable-gloo-process-groups,
+    and must be the flag the optimizer is built with: megatron_bolt.training.settings).
+    """
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import random as mp_random
 
@@ -104,7 +116,8 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_min: in
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
-            create_gloo_process_groups=not use_cuda,
+            virtual_pipeline_model_parallel_size=vp,
+            create_gloo_process_groups=gloo_process_groups,
         )
     set_seed(seed)
     if use_cuda:
