@@ -28,6 +28,7 @@ from megatron.core.dist_checkpointing.serialization import get_default_save_shar
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 from megatron.core.dist_checkpointing.validation import StrictHandling
+from megatron.core.transformer.module import Float16Module
 
 from megatron_bolt.config import RunConfig, _build
 from megatron_bolt.errors import UserError
@@ -136,10 +137,11 @@ def save_checkpoint(
             _atomic_write(ckpt_dir / RUN_CONFIG, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     _barrier()
     metadata = _metadata(cfg)
-    state = _model_state(model_chunks, metadata)
+    # Megatron-Core adds its process group to the metadata it is given: hand it copies
+    state = _model_state(model_chunks, dict(metadata))
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state["model"] if "model" in state else state,
-                                                          metadata=metadata)
+                                                          metadata=dict(metadata))
     if scheduler is not None:
         state["opt_param_scheduler"] = scheduler.state_dict()
     state["step"] = step
@@ -201,29 +203,74 @@ def load_checkpoint(
     if not path.is_dir():
         raise UserError(f"{path}: checkpoint step directory is missing")
     metadata = dist_checkpointing.load_content_metadata(str(path)) or dict(_LEGACY_METADATA)
-    state = _model_state(model_chunks, metadata)
+    state = _model_state(model_chunks, dict(metadata))
     if optimizer is not None:
         _check_optimizer_format(ckpt_dir, path, metadata, cfg)
+        _materialize_torch_adam_state(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(state["model"] if "model" in state else state,
-                                                          is_loading=True, metadata=metadata)
+                                                          is_loading=True, metadata=dict(metadata))
     loaded, _, absent = dist_checkpointing.load(state, str(path), strict=StrictHandling.RETURN_ALL)
     wrong = sorted(k for k in absent if not k.endswith(EXTRA_STATE))
     if wrong:
         raise UserError(f"{path}: the checkpoint lacks {len(wrong)} entries this model has, e.g. {wrong[:3]} "
                         "(a different model shape or type?)")
+    with torch.no_grad():  # the distributed optimizer's fp32 main params can be views of the weights
+        _load_loaded(path, model_chunks, optimizer, loaded)
+    common = dist_checkpointing.load_common_state_dict(str(path))
+    if scheduler is not None:
+        scheduler.load_state_dict(common["opt_param_scheduler"])
+    return int(common.get("step", step)), common.get("extra", {}) or {}
+
+
+def _load_loaded(path: Path, model_chunks: list[torch.nn.Module], optimizer, loaded: dict) -> None:
     for i, chunk in enumerate(model_chunks):
         key = "model" if len(model_chunks) == 1 else f"model{i}"
-        result = chunk.load_state_dict(loaded[key], strict=False)
+        # Float16Module.load_state_dict returns nothing: load into the module it wraps
+        target = chunk.module if isinstance(chunk, Float16Module) else chunk
+        result = target.load_state_dict(loaded[key], strict=False)
         missing = [k for k in result.missing_keys if not k.endswith(EXTRA_STATE)]
         if missing or result.unexpected_keys:
             raise UserError(f"{path}: weights do not match the model (missing {missing[:3]}, "
                             f"unexpected {list(result.unexpected_keys)[:3]})")
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
-    common = dist_checkpointing.load_common_state_dict(str(path))
-    if scheduler is not None:
-        scheduler.load_state_dict(common["opt_param_scheduler"])
-    return int(common.get("step", step)), common.get("extra", {}) or {}
+        _restore_torch_adam_steps(optimizer)
+
+
+def _materialize_torch_adam_state(optimizer) -> None:
+    """Give a not-yet-stepped torch Adam the state its first step would create (zero moments,
+    step 0), so that the state can be loaded into.
+
+    Megatron-Core's DistributedOptimizer.state_dict reads every parameter's Adam `step` when
+    neither Apex nor Transformer Engine provides the fused Adam (CPU, or a GPU without TE); a fresh
+    torch Adam has none yet. TE's and Apex's fused Adam are left alone."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if type(inner) not in (torch.optim.Adam, torch.optim.AdamW):
+            continue
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state[p]:
+                    inner.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                      "exp_avg_sq": torch.zeros_like(p)}
+
+
+def _restore_torch_adam_steps(optimizer) -> None:
+    """After DistributedOptimizer.load_state_dict without Apex/TE: every parameter of a torch Adam
+    has been given one shared `step` tensor (which torch's multi-tensor Adam would increment once
+    per parameter), and the dp_reshardable parameter state then copies the step of the loading
+    template over it. The step saved in the param groups is the true one: each parameter gets its
+    own copy of it, as in a run that never stopped."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if type(inner) not in (torch.optim.Adam, torch.optim.AdamW):
+            continue
+        for group in inner.param_groups:
+            if group.get("step") is None:
+                continue
+            for p in group["params"]:
+                if "step" in inner.state[p]:
+                    inner.state[p]["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
 
 
 def _check_optimizer_format(ckpt_dir: Path, path: Path, metadata: dict, cfg: RunConfig | None) -> None:
