@@ -8,7 +8,9 @@ and trains. Otherwise it validates the config, then either trains in-process (N 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import warnings
@@ -59,7 +61,27 @@ def run(args: argparse.Namespace) -> int:
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
         "-m", "megatron_bolt", "train", args.config, *args.overrides,
     ]
-    return subprocess.call(cmd)
+    return _launch_forwarding_signals(cmd, [signal.SIGTERM, signal.Signals[cfg.train.exit_signal]])
+
+
+def _launch_forwarding_signals(cmd: list[str], signals: list[signal.Signals]) -> int:
+    """Run torchrun; the save-and-exit signals go to its training ranks directly (torchrun itself
+    would tear its workers down on SIGTERM and die of SIGUSR1), so they save and exit 0."""
+    import psutil
+
+    proc = subprocess.Popen(cmd)
+
+    def forward(signum, frame):
+        for child in psutil.Process(proc.pid).children():  # the ranks, not their helpers
+            with contextlib.suppress(psutil.Error):
+                child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in set(signals)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def quiet_warnings() -> None:
