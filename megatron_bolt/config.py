@@ -9,6 +9,8 @@ Unknown keys, wrong types and inconsistent shapes are `UserError`s naming the ke
 from __future__ import annotations
 
 import dataclasses
+import re
+import signal
 import types
 import typing
 from collections.abc import Iterator
@@ -63,7 +65,13 @@ class ModelConfig:
 class ParallelConfig:
     tp: int = 1
     pp: int = 1
+    vp: int | None = None  # virtual pipeline stages per rank (interleaved 1F1B); needs pp > 1
     sequence_parallel: bool = False
+    # Megatron-LM's --disable-gloo-process-groups (default on): one flag for the parallel state and
+    # the optimizer, the same on CPU and GPU.
+    gloo_process_groups: bool = True
+    overlap_grad_reduce: bool = False  # --overlap-grad-reduce: DP reduce-scatter in backward
+    overlap_param_gather: bool = False  # --overlap-param-gather: needs train.distributed_optimizer
 
 
 @dataclass
@@ -82,15 +90,24 @@ class TrainConfig:
     bf16: bool = False
     distributed_optimizer: bool = False
     log_interval: int = 1
-    eval_interval: int = 0  # 0 = no periodic validation
-    eval_iters: int = 2
+    eval_interval: int = 0  # 0 = no periodic validation (always one at the end when there is valid data)
+    eval_iters: int = 2  # global batches per validation
+    # Save and exit (Megatron-LM's --exit-signal-handler / --exit-signal / --exit-duration-in-mins):
+    # on SIGTERM or exit_signal every rank finishes the step, a checkpoint is saved, the run exits 0.
+    exit_signal_handler: bool = True
+    exit_signal: str = "SIGTERM"  # e.g. SIGUSR1 with SLURM's --signal; SIGTERM is always caught too
+    exit_duration_mins: float | None = None
+    # --override-opt_param-scheduler: on resume, train.lr/min_lr/warmup/steps come from this config,
+    # not from the checkpoint. false = --use-checkpoint-opt_param-scheduler.
+    override_opt_param_scheduler: bool = True
 
 
 @dataclass
 class DataConfig:
     # Megatron-style blend: [prefix] or [weight, prefix, weight, prefix, ...]
     prefixes: list[Any] = field(default_factory=list)
-    split: str = "98,2,0"
+    split: str = "98,2,0"  # train,valid,test weights (Megatron's --split), used when valid_prefixes is empty
+    valid_prefixes: list[Any] = field(default_factory=list)  # own validation blend (--valid-data-path)
     cache_dir: str | None = None  # default: output_dir/data_cache
     eod_id: int = 0  # used only for reset masks; packing is plain causal (method.md)
     num_workers: int = 0
@@ -103,6 +120,10 @@ class CheckpointConfig:
     load: str | None = None  # a checkpoint to start from (weights only unless it is our own dir)
     finetune: bool = False  # load weights only (no optimizer/step) even from a full checkpoint
     save_optimizer: bool = True
+    # Distributed-optimizer state: Megatron's dp_reshardable by default (no gather; loads at any DP
+    # size, same TP/PP); fully_reshardable (--dist-ckpt-optim-fully-reshardable) also at another TP/PP.
+    optim_fully_reshardable: bool = False
+    async_save: bool = False  # --async-save: write in a background process while training goes on
 
 
 @dataclass
@@ -295,6 +316,26 @@ def load_em_config(path: str | Path | None, overrides: list[str] | None = None) 
     return _build(EMConfig, read_config_tree(path, overrides), "")
 
 
+# What a user types for a number: 1e-4, 3E-4, 1_000, .5, +2. YAML 1.1 (PyYAML) reads `1e-4`
+# (no dot) as a string, so numbers are also parsed from strings, for numeric keys only.
+_DIGITS = r"\d+(?:_\d+)*"
+_NUMBER = re.compile(rf"[-+]?(?:{_DIGITS}(?:\.(?:{_DIGITS})?)?|\.{_DIGITS})(?:[eE][-+]?\d+)?")
+
+
+def _number(value: Any) -> int | float | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        text = value.strip().replace("_", "")
+        try:
+            return int(text)
+        except ValueError:
+            return float(text)
+    return None
+
+
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
     """Check/convert one value against its annotation; errors name the dotted key."""
     hint = annotation
@@ -321,14 +362,16 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
             return value
         raise UserError(f"config key '{key}': expected true/false, got {value!r}")
     if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
+        number = _number(value)
+        if isinstance(number, int):
+            return number
+        if isinstance(number, float) and number.is_integer():
+            return int(number)
         raise UserError(f"config key '{key}': expected an integer, got {value!r}")
     if hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+        number = _number(value)
+        if number is not None:
+            return float(number)
         raise UserError(f"config key '{key}': expected a number, got {value!r}")
     if hint is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -412,6 +455,9 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return cfg
 
 
+_SIGNALS = {s.name for s in signal.Signals} - {"SIGKILL", "SIGSTOP"}
+
+
 def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     """Shape and parallelism checks; `world_size` adds the data-parallel checks."""
     m, par, t = cfg.model, cfg.parallel, cfg.train
@@ -437,6 +483,21 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         raise UserError(f"parallel.tp ({par.tp}) must divide the FFN size ({m.ffn})")
     if m.num_layers % par.pp:
         raise UserError(f"parallel.pp ({par.pp}) must divide model.num_layers ({m.num_layers})")
+    if par.vp is not None:
+        if par.vp < 1 or par.pp < 2:
+            raise UserError(f"parallel.vp ({par.vp}) needs parallel.pp > 1 and vp >= 1 (or vp=null)")
+        if m.num_layers % (par.pp * par.vp):
+            raise UserError(f"parallel.pp * parallel.vp ({par.pp}*{par.vp}) must divide model.num_layers ({m.num_layers})")
+        if m.type == "ponder":
+            raise UserError("parallel.vp: the ponder model has its own pipeline schedule; use vp=null")
+    if par.overlap_param_gather and not t.distributed_optimizer:
+        raise UserError("parallel.overlap_param_gather needs train.distributed_optimizer=true (as in Megatron-LM)")
+    if t.exit_signal not in _SIGNALS:
+        raise UserError(f"train.exit_signal: expected a signal name such as SIGTERM or SIGUSR1, got {t.exit_signal!r}")
+    if t.exit_duration_mins is not None and t.exit_duration_mins <= 0:
+        raise UserError(f"train.exit_duration_mins: expected > 0 or null, got {t.exit_duration_mins}")
+    if t.eval_interval < 0 or t.eval_iters < 1:
+        raise UserError("train.eval_interval must be >= 0 and train.eval_iters >= 1")
     if m.fp8 not in (None, "hybrid", "e4m3"):
         raise UserError(f"model.fp8: expected null, 'hybrid' or 'e4m3', got {m.fp8!r}")
     if m.transformer_impl not in ("auto", "local", "transformer_engine"):

@@ -8,6 +8,7 @@ and trains. Otherwise it validates the config, then either trains in-process (N 
 from __future__ import annotations
 
 import argparse
+import signal
 import warnings
 
 from megatron_bolt.cli.ranks import relaunch_or_become_rank
@@ -35,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
         from megatron_bolt.training.data import parse_blend  # imports megatron: only once the config is valid
 
         parse_blend(cfg.data.prefixes)
-        code = relaunch_or_become_rank(args, nproc)
+        # The save-and-exit signals go to the training ranks themselves (see runtime.relaunch).
+        code = relaunch_or_become_rank(args, nproc, forward=[signal.SIGTERM, signal.Signals[cfg.train.exit_signal]])
         if code is not None:
             return code
     quiet_warnings()
