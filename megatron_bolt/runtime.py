@@ -80,8 +80,8 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_min: int = 30) -> DistEnv:
-    """Start torch.distributed (NCCL on GPU, gloo on CPU) and Megatron-Core's TP/PP/DP groups."""
+def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_min: int = 30, cp: int = 1) -> DistEnv:
+    """Start torch.distributed (NCCL on GPU, gloo on CPU) and Megatron-Core's TP/PP/CP/DP groups."""
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import random as mp_random
 
@@ -104,6 +104,7 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_min: in
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
+            context_parallel_size=cp,
             create_gloo_process_groups=not use_cuda,
         )
     set_seed(seed)

@@ -24,15 +24,18 @@ from megatron.core.distributed import (
     finalize_model_grads,
 )
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_bolt import runtime
 from megatron_bolt.config import RunConfig, validate
 from megatron_bolt.models import build_model_chunk
+from megatron_bolt.models.gpt import check_requirements
 from megatron_bolt.models.init import initialize_weights
 from megatron_bolt.training import checkpoint as ckpt
+from megatron_bolt.training.context_parallel import cp_slice, masked_mean_loss
 from megatron_bolt.training.data import GlobalBatchSampler, build_datasets
+from megatron_bolt.training.metrics import StepMeter
+from megatron_bolt.training.schedule import build_scheduler
 
 
 def layer_offset(cfg: RunConfig) -> int:
@@ -68,38 +71,24 @@ def build_optimizer(cfg: RunConfig, model):
         weight_decay=t.weight_decay,
         adam_beta1=t.adam_beta1,
         adam_beta2=t.adam_beta2,
+        adam_eps=t.adam_eps,
         clip_grad=t.clip_grad,
         bf16=t.bf16,
         params_dtype=torch.bfloat16 if t.bf16 else torch.float32,
         use_distributed_optimizer=t.distributed_optimizer,
     )
     optimizer = get_megatron_optimizer(opt_config, [model])
-    scheduler = OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0,
-        max_lr=t.lr,
-        min_lr=t.min_lr,
-        lr_warmup_steps=t.warmup,
-        lr_decay_steps=max(t.steps, t.warmup + 1),
-        lr_decay_style="cosine",
-        start_wd=t.weight_decay,
-        end_wd=t.weight_decay,
-        wd_incr_steps=max(t.steps, 1),
-        wd_incr_style="constant",
-    )
-    return optimizer, scheduler
+    return optimizer, build_scheduler(optimizer, t)
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    losses = output_tensor.float()
-    mask = loss_mask.float()
-    loss = torch.sum(losses.view(-1) * mask.view(-1)) / mask.sum().clamp(min=1)
+    loss, reported = masked_mean_loss(output_tensor, loss_mask)
     # clone: the schedule divides the returned loss in place by the number of micro-batches
-    return loss, {"lm loss": loss.detach().clone()}
+    return loss, {"lm loss": reported.clone()}
 
 
 def _forward_step(data_iterator, model):
-    batch = next(data_iterator)
+    batch = cp_slice(next(data_iterator))
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     return output, partial(_loss_func, batch["loss_mask"])
 
@@ -123,7 +112,8 @@ def _to_device(batches):
 def _reduce_loss(losses_reduced: list[dict]) -> float:
     """Mean loss of the global batch, known on every rank (computed on the last stage)."""
     value = torch.zeros(1, dtype=torch.float64, device=runtime.device())
-    if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
+    if (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+            and parallel_state.get_context_parallel_rank() == 0):
         if losses_reduced:
             mean = sum(float(x["lm loss"]) for x in losses_reduced) / len(losses_reduced)
             value += mean / parallel_state.get_data_parallel_world_size()
@@ -186,13 +176,16 @@ def _progress(step: int, total: int, record: dict, started: float, first_step: i
     return (
         f"step {step:>6}/{total} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
         f"grad norm {gn if gn is None else format(gn, '.3f')} | {record['tokens_per_s']:,.0f} tok/s | "
-        f"eta {eta / 60:.1f} min"
+        + (f"MFU {record['mfu']:.1%} | " if record.get("mfu") is not None else "")
+        + (f"peak {record['peak_mem_gib']:.1f} GiB | " if record.get("peak_mem_gib") is not None else "")
+        + f"eta {eta / 60:.1f} min"
     )
 
 
 def train(cfg: RunConfig) -> dict:
     """Train per `cfg`; resumes from `cfg.checkpoint_dir` if it holds a checkpoint. Collective."""
-    runtime.init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed)
+    check_requirements(cfg.model, cfg.parallel)  # before any process group: the clearest error
+    runtime.init_distributed(cfg.parallel.tp, cfg.parallel.pp, cfg.train.seed, cp=cfg.parallel.cp)
     validate(cfg, dist.get_world_size())
     output_dir = Path(cfg.output_dir)
     t = cfg.train
@@ -225,6 +218,7 @@ def train(cfg: RunConfig) -> dict:
         f"dp {parallel_state.get_data_parallel_world_size()}), {t.steps} steps of {tokens_per_step:,} tokens"
     )
 
+    meter = StepMeter(cfg, dist.get_world_size())
     last = {}
     started = time.time()
     for step in range(start_step + 1, t.steps + 1):
@@ -246,13 +240,12 @@ def train(cfg: RunConfig) -> dict:
         loss = _reduce_loss(losses)
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss became {loss} at step {step}")
-        elapsed = time.time() - step_start
         last = {
             "step": step,
             "loss": loss,
             "lr": optimizer.param_groups[0]["lr"],
             "grad_norm": None if grad_norm is None else float(grad_norm),
-            "tokens_per_s": tokens_per_step / max(elapsed, 1e-9),
+            **meter.measure(time.time() - step_start),
         }
         metrics.write(last)
         if step % t.log_interval == 0 or step == t.steps:
