@@ -295,3 +295,24 @@ def test_recomputation_gives_the_same_loss_and_grads_and_reruns_the_forward(tmp_
     assert calls["selective"] == {"attn": 8, "layer": 4}
     assert calls["full_uniform"] == {"attn": 8, "layer": 8}
     assert calls["full_block"] == {"attn": 5, "layer": 5}  # block: only the first layer of the stage
+
+
+# ---------------------------------------------------------------- bench/gpu_check.sh
+
+
+@pytest.mark.slow
+def test_gpu_check_cpu_smoke(tmp_path):
+    """The GPU check's steps (train, throughput, resume, HF export, score vs transformers) on tiny shapes."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1", PYTHON=sys.executable)
+    proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--cpu-smoke", "--workdir", str(tmp_path)],
+                          capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("gpu_check:")]
+    assert any("throughput over steps 2-6" in x and "peak memory n/a (CPU)" in x for x in lines), lines
+    assert any("resume from step 4: steps 5-6" in x and x.endswith("ok") for x in lines), lines
+    assert any("bolt score vs transformers" in x and x.endswith("ok") for x in lines), lines
+    assert (tmp_path / "hf" / "config.json").is_file()
+    bad = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--wheels", str(tmp_path / "none")],
+                         capture_output=True, text=True, env=env, timeout=60)
+    assert bad.returncode == 2 and "not a directory" in bad.stderr
