@@ -226,6 +226,13 @@ def test_fp8_recipe_options_reach_transformer_config():
         load_config(TINY_CONFIG, ["model.fp8=e4m3", "model.transformer_impl=local"])
 
 
+def test_layernorm_recompute_without_transformer_engine_is_an_error():
+    # megatron-core recomputes norms with its output-discarding checkpoint, which is built on TE
+    m = ModelConfig(recompute_granularity="selective", recompute_modules=["core_attn", "layernorm"])
+    with pytest.raises(UserError, match="'layernorm' needs Transformer Engine"):
+        check_requirements(m, ParallelConfig())
+
+
 def test_context_parallel_without_transformer_engine_is_one_line(tmp_path, synthetic_prefix):
     with pytest.raises(UserError, match="parallel.cp=2 needs Transformer Engine"):
         check_requirements(ModelConfig(), ParallelConfig(cp=2))
@@ -255,18 +262,19 @@ for name, extra in json.loads(sys.argv[1]).items():
                       ffn_hidden_size=128, vocab_size=500, seq_len=32, transformer_impl="local", **extra)
     model = build_gpt(cfg, ParallelConfig())
     initialize_weights(model, cfg, seed=5, layer_offset=0)
-    calls = {"attn": 0, "layer": 0}
+    calls = {"attn": 0, "layer": 0, "mlp": 0}
     for layer in model.decoder.layers:
         layer.register_forward_hook(lambda *a: calls.__setitem__("layer", calls["layer"] + 1))
         layer.self_attention.core_attention.register_forward_hook(
             lambda *a: calls.__setitem__("attn", calls["attn"] + 1))
+        layer.mlp.register_forward_hook(lambda *a: calls.__setitem__("mlp", calls["mlp"] + 1))
     model.train()
     loss = model(tokens, pos, None, labels=labels).float().mean()
     loss.backward()
     grads = torch.cat([p.grad.flatten() for p in model.parameters()])
     results[name] = (loss.item(), grads, dict(calls))
 base_loss, base_grads, base_calls = results.pop("none")
-assert base_calls == {"attn": 4, "layer": 4}, base_calls
+assert base_calls == {"attn": 4, "layer": 4, "mlp": 4}, base_calls
 for name, (loss, grads, calls) in results.items():
     assert loss == base_loss, (name, loss, base_loss)
     assert torch.allclose(grads, base_grads, rtol=1e-5, atol=1e-7), (name, (grads - base_grads).abs().max())
@@ -279,6 +287,7 @@ def test_recomputation_gives_the_same_loss_and_grads_and_reruns_the_forward(tmp_
     cases = {
         "none": {},
         "selective": {"recompute_granularity": "selective"},
+        "selective_mlp": {"recompute_granularity": "selective", "recompute_modules": ["mlp"]},
         "full_uniform": {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 2},
         "full_block": {"recompute_granularity": "full", "recompute_method": "block", "recompute_num_layers": 1},
     }
@@ -292,9 +301,10 @@ def test_recomputation_gives_the_same_loss_and_grads_and_reruns_the_forward(tmp_
     calls = {line.split()[0]: json.loads(line.split(" ", 1)[1]) for line in proc.stdout.splitlines()
              if line.split() and line.split()[0] in cases}
     # the recomputed parts ran again in the backward pass, so the equality above is not vacuous
-    assert calls["selective"] == {"attn": 8, "layer": 4}
-    assert calls["full_uniform"] == {"attn": 8, "layer": 8}
-    assert calls["full_block"] == {"attn": 5, "layer": 5}  # block: only the first layer of the stage
+    assert calls["selective"] == {"attn": 8, "layer": 4, "mlp": 4}
+    assert calls["selective_mlp"] == {"attn": 4, "layer": 4, "mlp": 8}
+    assert calls["full_uniform"] == {"attn": 8, "layer": 8, "mlp": 8}
+    assert calls["full_block"] == {"attn": 5, "layer": 5, "mlp": 5}  # block: only the first layer of the stage
 
 
 # ---------------------------------------------------------------- bench/gpu_check.sh

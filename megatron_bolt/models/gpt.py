@@ -118,6 +118,10 @@ def check_requirements(model: ModelConfig, parallel: ParallelConfig) -> None:
     """Raise the one-line UserError of a feature this machine cannot run (TE for cp/fp8, a kernel)."""
     use_transformer_engine(model, parallel)
     fused_kernels(model, torch.cuda.is_available())
+    if (model.recompute_granularity == "selective" and "layernorm" in model.recompute_modules
+            and not transformer_engine_available()):
+        raise UserError("model.recompute_modules 'layernorm' needs Transformer Engine on a GPU (megatron-core "
+                        "recomputes norms with its TE-based output-discarding checkpoint); drop it here")
 
 
 def transformer_config(model: ModelConfig, parallel: ParallelConfig, bf16: bool = False) -> TransformerConfig:
