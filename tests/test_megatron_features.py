@@ -197,16 +197,20 @@ def test_fused_kernels_follow_what_the_machine_has():
     m = ModelConfig()
     cpu = fused_kernels(m, cuda=False, importable=lambda _: True, te_rope_kernel=lambda: True)
     assert cpu == dict.fromkeys(FUSED_KERNELS, False)
-    full = fused_kernels(m, cuda=True, importable=lambda _: True, te_rope_kernel=lambda: True)
+    full = fused_kernels(m, cuda=True, importable=lambda _: True, te_rope_kernel=lambda: True, c_compiler=lambda: True)
     assert full == dict.fromkeys(FUSED_KERNELS, True)
-    bare = fused_kernels(m, cuda=True, importable=lambda _: False, te_rope_kernel=lambda: False)
+    bare = fused_kernels(m, cuda=True, importable=lambda mod: mod == "triton", te_rope_kernel=lambda: False,
+                         c_compiler=lambda: True)
     assert bare == {"gradient_accumulation_fusion": False, "bias_dropout_fusion": True,
                     "masked_softmax_fusion": False, "apply_rope_fusion": False}
+    slim = fused_kernels(m, cuda=True, importable=lambda _: True, te_rope_kernel=lambda: True, c_compiler=lambda: False)
+    assert not slim["bias_dropout_fusion"] and slim["apply_rope_fusion"]  # torch.compile needs a C compiler
     only_apex = fused_kernels(m, cuda=True, importable=lambda mod: mod == "fused_weight_gradient_mlp_cuda",
-                              te_rope_kernel=lambda: False)
+                              te_rope_kernel=lambda: False, c_compiler=lambda: True)
     assert only_apex["gradient_accumulation_fusion"] and not only_apex["masked_softmax_fusion"]
     m.bias_dropout_fusion = False  # an explicit choice wins
-    assert not fused_kernels(m, cuda=True, importable=lambda _: True, te_rope_kernel=lambda: True)["bias_dropout_fusion"]
+    assert not fused_kernels(m, cuda=True, importable=lambda _: True, te_rope_kernel=lambda: True,
+                             c_compiler=lambda: True)["bias_dropout_fusion"]
     m.apply_rope_fusion = True
     with pytest.raises(UserError, match="model.apply_rope_fusion=true, but its kernel is not available"):
         fused_kernels(m, cuda=False)

@@ -8,6 +8,8 @@ same distributed-checkpoint keys, so a checkpoint moves freely between them.
 from __future__ import annotations
 
 import importlib.util
+import os
+import shutil
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +63,13 @@ def _te_rope_kernel() -> bool:
     return rope_utils.fused_apply_rotary_pos_emb is not None
 
 
-def fused_kernels(model: ModelConfig, cuda: bool, importable=_importable, te_rope_kernel=_te_rope_kernel) -> dict:
+def _c_compiler() -> bool:
+    """Triton builds its kernel launchers with a C compiler at run time (absent from slim images)."""
+    return any(shutil.which(c) for c in (os.environ.get("CC", "cc"), "gcc", "clang"))
+
+
+def fused_kernels(model: ModelConfig, cuda: bool, importable=_importable, te_rope_kernel=_te_rope_kernel,
+                  c_compiler=_c_compiler) -> dict:
     """Which of Megatron's fused kernels this run uses: an explicit `model.<flag>` wins, None means
     "on when this machine has the kernel" (Megatron-LM turns them all on by default and lets a
     missing extension fail; here a missing one is skipped instead).
@@ -74,13 +82,14 @@ def fused_kernels(model: ModelConfig, cuda: bool, importable=_importable, te_rop
     - gradient_accumulation_fusion: the wgrad GEMM accumulates into the fp32 `main_grad` directly;
       the output layer is always megatron-core's ColumnParallelLinear, which needs apex's
       `fused_weight_gradient_mlp_cuda` (present in NGC images; never pip-installed here).
-    - bias_dropout_fusion: megatron-core's jit-fused bias+dropout+residual add (torch.compile).
+    - bias_dropout_fusion: megatron-core's jit-fused bias+dropout+residual add (torch.compile, so
+      it needs triton and a C compiler).
     - masked_softmax_fusion: the local spec's fallback softmax via Megatron's fused softmax extensions.
     - apply_rope_fusion: Transformer Engine's fused RoPE.
     """
     available = {
         "gradient_accumulation_fusion": cuda and importable("fused_weight_gradient_mlp_cuda"),
-        "bias_dropout_fusion": cuda,
+        "bias_dropout_fusion": cuda and importable("triton") and c_compiler(),
         "masked_softmax_fusion": cuda and importable("scaled_upper_triang_masked_softmax_cuda")
         and importable("scaled_masked_softmax_cuda"),
         "apply_rope_fusion": cuda and te_rope_kernel(),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from megatron.core import parallel_state
@@ -53,11 +54,19 @@ def canonical_slices(name: str, full_shape: tuple[int, ...], dim: int, indices: 
         out = torch.ones(slice_shape[:dim] + (len(indices),) + slice_shape[dim:])
         return out
     base = _base_seed(seed, name)
-    gen = torch.Generator()
     out = torch.empty((len(indices),) + slice_shape)
-    for j, i in enumerate(indices):
-        gen.manual_seed(base + i)
-        out[j].normal_(0.0, std, generator=gen)
+
+    def fill(lo: int, hi: int) -> None:
+        gen = torch.Generator()
+        for j in range(lo, hi):
+            gen.manual_seed(base + indices[j])
+            out[j].normal_(0.0, std, generator=gen)
+
+    # Each slice has its own generator, so threads (ATen releases the GIL) give the same values.
+    workers = max(1, min(torch.get_num_threads(), len(indices) // 64))
+    bounds = [len(indices) * k // workers for k in range(workers + 1)]
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(fill, bounds[:-1], bounds[1:]))
     return out.movedim(0, dim) if dim else out
 
 
