@@ -31,6 +31,9 @@ def global_name(local_name: str, layer_offset: int, tie_embeddings: bool) -> str
     return name
 
 
+_ROW_PARALLEL = ("linear_proj.weight", "linear_fc2.weight")
+
+
 def _base_seed(seed: int, name: str) -> int:
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
     return int.from_bytes(digest[:8], "little") & ((1 << 62) - 1)
@@ -40,7 +43,7 @@ def _std(name: str, cfg: ModelConfig) -> float | None:
     """None: a norm weight (ones)."""
     if name.endswith("layer_norm_weight") or "layernorm" in name:
         return None
-    if name.endswith("linear_proj.weight") or name.endswith("linear_fc2.weight"):
+    if name.endswith(_ROW_PARALLEL):
         return cfg.init_std / math.sqrt(2.0 * cfg.num_layers)  # Megatron's scaled init for output projections
     return cfg.init_std
 
@@ -87,10 +90,13 @@ def local_indices(name: str, full_len: int, tp_rank: int, tp: int) -> list[int]:
 def shard_init(name: str, param: torch.nn.Parameter, cfg: ModelConfig, seed: int, tp_rank: int,
                tp: int) -> torch.Tensor:
     """This rank's part of the canonical tensor `name`, built without the full tensor."""
-    # The slicing dimension is the partition dimension at any TP, TP=1 included, so it is one
-    # canonical tensor; megatron-core tags its parallel layers at TP=1 too.
-    split = bool(getattr(param, "tensor_model_parallel", False))
-    dim = param.partition_dim if split else 0
+    # The slicing dimension comes from the layer's role, not from TP attributes, so the canonical
+    # tensor is the same whether or not a layer implementation tags its weights at TP=1: rows for
+    # column-parallel and vocabulary-parallel weights, columns for row-parallel ones.
+    dim = 1 if param.dim() == 2 and name.endswith(_ROW_PARALLEL) else 0
+    split = tp > 1 and bool(getattr(param, "tensor_model_parallel", False))
+    if split and param.partition_dim != dim:
+        raise ValueError(f"{name}: split along dim {param.partition_dim}, expected {dim}")
     full_shape = list(param.shape)
     if split:
         full_shape[dim] *= tp
