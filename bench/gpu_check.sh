@@ -26,7 +26,7 @@ while [[ $# -gt 0 ]]; do
     --workdir) WORK="$2"; shift 2 ;;
     --python) PY="$2"; shift 2 ;;
     --cpu-smoke) SMOKE=1; shift ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0" | sed -E 's/^# ?//'; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
 done
