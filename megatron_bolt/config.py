@@ -39,7 +39,23 @@ class ModelConfig:
     init_std: float = 0.02
     make_vocab_divisible_by: int = 128
     transformer_impl: str = "auto"  # "auto" (TE when importable, on GPU), "local", "transformer_engine"
-    fp8: str | None = None  # None, "hybrid" or "e4m3" (needs Transformer Engine)
+    # FP8 through Transformer Engine (Megatron's --fp8-format, --fp8-recipe, --fp8-amax-*; same defaults)
+    fp8: str | None = None  # --fp8-format: None, "hybrid" or "e4m3"
+    fp8_recipe: str = "delayed"  # delayed | tensorwise | mxfp8 (Blackwell) | blockwise
+    fp8_margin: int = 0
+    fp8_amax_history_len: int = 1  # delayed recipe only
+    fp8_amax_compute_algo: str = "most_recent"  # delayed recipe only: most_recent | max
+    fp8_wgrad: bool = True  # false: weight gradients in higher precision
+    # activation recomputation (Megatron's --recompute-granularity/-method/-num-layers/-modules)
+    recompute_granularity: str | None = None  # None, "selective" or "full"
+    recompute_method: str | None = None  # full only: "uniform" or "block"
+    recompute_num_layers: int | None = None  # full only: layers per unit (uniform) / per stage (block)
+    recompute_modules: list[str] = field(default_factory=lambda: ["core_attn"])  # selective only
+    # fused kernels: None = on when this machine has the kernel (megatron_bolt.models.gpt.fused_kernels)
+    gradient_accumulation_fusion: bool | None = None
+    bias_dropout_fusion: bool | None = None
+    masked_softmax_fusion: bool | None = None
+    apply_rope_fusion: bool | None = None
     # ponder (continuous latent thoughts), ignored for type "gpt"
     latents_per_token: int = 1
     jacobi_iters: list[int] = field(default_factory=lambda: [2, 3])
@@ -66,6 +82,7 @@ class ParallelConfig:
     tp: int = 1
     pp: int = 1
     vp: int | None = None  # virtual pipeline stages per rank (interleaved 1F1B); needs pp > 1
+    cp: int = 1  # context parallelism (Megatron's --context-parallel-size); needs Transformer Engine
     sequence_parallel: bool = False
     # Megatron-LM's --disable-gloo-process-groups (default on): one flag for the parallel state and
     # the optimizer, the same on CPU and GPU.
@@ -82,10 +99,17 @@ class TrainConfig:
     lr: float = 3e-3
     min_lr: float = 3e-4
     warmup: int = 10
+    # Megatron's --lr-decay-style / --lr-decay-iters / --lr-wsd-decay-style / --lr-wsd-decay-iters
+    lr_decay_style: str = "cosine"  # cosine | linear | WSD | constant | inverse-square-root
+    lr_decay_iters: int | None = None  # None = train.steps
+    lr_wsd_decay_style: str = "exponential"  # WSD's final decay: exponential | linear | cosine | minus_sqrt
+    lr_wsd_decay_iters: int | None = None  # WSD: length of the final decay (required for WSD)
     weight_decay: float = 0.01
     clip_grad: float = 1.0
     adam_beta1: float = 0.9
     adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    peak_tflops: float | None = None  # per-device dense bf16 peak for MFU; None = known GPUs' table
     seed: int = 1234
     bf16: bool = False
     distributed_optimizer: bool = False
@@ -502,17 +526,83 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         raise UserError(f"model.fp8: expected null, 'hybrid' or 'e4m3', got {m.fp8!r}")
     if m.transformer_impl not in ("auto", "local", "transformer_engine"):
         raise UserError(f"model.transformer_impl: expected auto|local|transformer_engine, got {m.transformer_impl!r}")
+    _validate_precision(m)
+    _validate_recompute(m, par)
+    _validate_schedule(t)
+    if par.cp < 1:
+        raise UserError(f"parallel.cp: expected >= 1, got {par.cp}")
+    if par.cp > 1 and m.transformer_impl == "local":
+        raise UserError("parallel.cp > 1 needs Transformer Engine's attention; model.transformer_impl=local has none")
+    if par.cp > 1 and m.seq_len % (2 * par.cp):
+        raise UserError(f"model.seq_len ({m.seq_len}) must be divisible by 2 * parallel.cp ({2 * par.cp})")
     if t.global_batch % t.micro_batch:
         raise UserError(f"train.micro_batch ({t.micro_batch}) must divide train.global_batch ({t.global_batch})")
     if m.type == "ponder" and (m.latents_per_token < 1 or not m.jacobi_iters):
         raise UserError("ponder models need model.latents_per_token >= 1 and a non-empty model.jacobi_iters")
     if world_size is not None:
-        model_parallel = par.tp * par.pp
+        model_parallel = par.tp * par.pp * par.cp
         if world_size % model_parallel:
-            raise UserError(f"world size {world_size} is not divisible by tp*pp = {model_parallel}")
+            raise UserError(f"world size {world_size} is not divisible by tp*pp*cp = {model_parallel}")
         dp = world_size // model_parallel
         if t.global_batch % (t.micro_batch * dp):
             raise UserError(
                 f"train.global_batch ({t.global_batch}) must be divisible by micro_batch*data_parallel "
                 f"({t.micro_batch}*{dp})"
             )
+
+
+def _one_of(key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        shown = ", ".join("null" if c is None else repr(c) for c in choices)
+        raise UserError(f"config key '{key}': expected one of {shown}, got {value!r}")
+
+
+def _validate_precision(m: ModelConfig) -> None:
+    _one_of("model.fp8", m.fp8, (None, "hybrid", "e4m3"))
+    _one_of("model.fp8_recipe", m.fp8_recipe, ("delayed", "tensorwise", "mxfp8", "blockwise"))
+    _one_of("model.fp8_amax_compute_algo", m.fp8_amax_compute_algo, ("most_recent", "max"))
+    if m.fp8_amax_history_len < 1:
+        raise UserError(f"config key 'model.fp8_amax_history_len': expected >= 1, got {m.fp8_amax_history_len}")
+    if m.fp8 and m.transformer_impl == "local":
+        raise UserError(f"model.fp8={m.fp8!r} needs the Transformer Engine layer spec; "
+                        "model.transformer_impl=local has no FP8 (use auto or transformer_engine)")
+
+
+def _validate_recompute(m: ModelConfig, par: ParallelConfig) -> None:
+    """Megatron-LM's rules for --recompute-granularity/-method/-num-layers, checked before any model exists."""
+    _one_of("model.recompute_granularity", m.recompute_granularity, (None, "selective", "full"))
+    _one_of("model.recompute_method", m.recompute_method, (None, "uniform", "block"))
+    allowed = ("core_attn", "mlp", "layernorm")  # the dense-Llama subset of megatron-core's recompute_modules
+    for name in m.recompute_modules:
+        _one_of("model.recompute_modules[]", name, allowed)
+    per_stage = m.num_layers // max(par.pp, 1)
+    if m.recompute_granularity == "full":
+        if m.recompute_method is None or m.recompute_num_layers is None:
+            raise UserError("model.recompute_granularity=full needs model.recompute_method (uniform|block) "
+                            "and model.recompute_num_layers")
+        if not 1 <= m.recompute_num_layers <= per_stage:
+            raise UserError(f"config key 'model.recompute_num_layers': expected 1..{per_stage} "
+                            f"(layers per pipeline stage), got {m.recompute_num_layers}")
+    elif m.recompute_method is not None or m.recompute_num_layers is not None:
+        raise UserError("model.recompute_method and model.recompute_num_layers apply to "
+                        f"recompute_granularity=full only (it is {m.recompute_granularity!r})")
+
+
+def _validate_schedule(t: TrainConfig) -> None:
+    _one_of("train.lr_decay_style", t.lr_decay_style, ("cosine", "linear", "WSD", "constant", "inverse-square-root"))
+    _one_of("train.lr_wsd_decay_style", t.lr_wsd_decay_style, ("exponential", "linear", "cosine", "minus_sqrt"))
+    decay = t.lr_decay_iters if t.lr_decay_iters is not None else t.steps
+    if not 0 <= t.min_lr <= t.lr:
+        raise UserError(f"train.min_lr ({t.min_lr}) must be between 0 and train.lr ({t.lr})")
+    if t.warmup < 0 or (t.lr_decay_iters is not None and t.lr_decay_iters < 1):
+        raise UserError("train.warmup must be >= 0 and train.lr_decay_iters >= 1")
+    if t.lr_decay_style == "WSD":
+        if t.lr_wsd_decay_iters is None:
+            raise UserError("train.lr_decay_style=WSD needs train.lr_wsd_decay_iters (the length of the final decay)")
+        if not 1 <= t.lr_wsd_decay_iters <= decay - t.warmup:
+            raise UserError(f"config key 'train.lr_wsd_decay_iters': expected 1..{decay - t.warmup} "
+                            f"(decay iterations after warmup), got {t.lr_wsd_decay_iters}")
+    if t.adam_eps <= 0 or not (0 <= t.adam_beta1 < 1 and 0 <= t.adam_beta2 < 1):
+        raise UserError("train.adam_eps must be > 0 and train.adam_beta1/adam_beta2 in [0, 1)")
+    if t.peak_tflops is not None and t.peak_tflops <= 0:
+        raise UserError(f"config key 'train.peak_tflops': expected > 0 or null, got {t.peak_tflops}")

@@ -152,8 +152,9 @@ def init_distributed(
     timeout_min: int = 30,
     vp: int | None = None,
     gloo_process_groups: bool = True,
+    cp: int = 1,
 ) -> DistEnv:
-    """Start torch.distributed (NCCL on GPU, gloo on CPU) and Megatron-Core's TP/PP/DP groups.
+    """Start torch.distributed (NCCL on GPU, gloo on CPU) and Megatron-Core's TP/PP/CP/DP groups.
 
     Only the backend and the device depend on CUDA; the parallel state is created with the same
     arguments either way (`gloo_process_groups` is Megatron-LM's --disable-gloo-process-groups,
@@ -181,6 +182,7 @@ def init_distributed(
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
+            context_parallel_size=cp,
             virtual_pipeline_model_parallel_size=vp,
             create_gloo_process_groups=gloo_process_groups,
         )
