@@ -32,6 +32,9 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if not runtime.under_launcher():
         nproc = args.nproc_per_node or 1
+        from megatron_bolt.models.gpt import check_requirements
+
+        check_requirements(cfg.model, cfg.parallel)  # what this machine lacks (TE for cp/fp8) comes first
         validate(cfg, nproc)  # fail here, in one line, rather than in N ranks' tracebacks
         from megatron_bolt.training.data import parse_blend  # imports megatron: only once the config is valid
 
