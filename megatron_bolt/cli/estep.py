@@ -10,64 +10,56 @@ import argparse
 import os
 import sys
 
+from megatron_bolt.config import EngineConfig, EStepConfig
 from megatron_bolt.errors import UserError
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    e, s = EngineConfig(), EStepConfig()
     parser.add_argument("--model", required=True, help="HF export directory of the current model")
     parser.add_argument("--chunks", required=True, help="chunk store (zarr) from preprocessing")
-    parser.add_argument("--engine", choices=["local", "vllm", "sglang", "vllm-server"], default="local",
+    parser.add_argument("--engine", choices=["local", "vllm", "sglang", "vllm-server"], default=e.engine,
                         help="local: transformers in this process; vllm: vLLM in this process; "
                              "sglang / vllm-server: HTTP client of the SGLang / vLLM servers at --server")
     parser.add_argument("--server", nargs="+", default=[], metavar="URL",
                         help="sglang / vllm-server engines: one router URL, or several server URLs (round robin)")
-    parser.add_argument("--concurrency", type=int, default=64, help="server engines: requests in flight")
-    parser.add_argument("--device", default=None, help="local engine: torch device (default cuda if available)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--concurrency", type=int, default=e.concurrency, help="server engines: requests in flight")
+    parser.add_argument("--device", default=e.device, help="local engine: torch device (default cuda if available)")
+    parser.add_argument("--threads", type=int, default=e.threads,
                         help="local and vllm engines: torch CPU threads (1 is fastest for small models on busy machines)")
-    parser.add_argument("--batch-rows", type=int, default=64,
+    parser.add_argument("--batch-rows", type=int, default=e.batch_rows,
                         help="local engine: (chunk, sample) rows decoded together (raise on a GPU); "
                              "vllm engine: most sequences in one vLLM batch (max_num_seqs)")
-    parser.add_argument("--kv-cache-gib", type=float, default=2.0,
-                        help="vllm engine: KV cache size in GiB (default 2; vLLM would take 90%% of RAM on CPU). "
-                             "Raise on a GPU, e.g. to most of its free memory")
-    parser.add_argument("--vllm-dtype", default="float32", choices=["float32", "bfloat16", "float16", "auto"],
+    parser.add_argument("--kv-cache-gib", type=float, default=e.kv_cache_gib,
+                        help=f"vllm engine: KV cache size in GiB (default {e.kv_cache_gib:g}; unset, vLLM would take "
+                             "90%% of RAM on CPU). Raise on a GPU, e.g. to most of its free memory")
+    parser.add_argument("--vllm-dtype", default=e.vllm_dtype, choices=["float32", "bfloat16", "float16", "auto"],
                         help="vllm engine: weights and activations (default float32, as the local engine: "
                              "log w is a difference of summed log-probs)")
     parser.add_argument("--vllm-graphs", action="store_true",
                         help="vllm engine: torch.compile and CUDA graphs instead of eager mode (GPU: faster "
                              "decoding after a warm-up of a minute or more)")
-    parser.add_argument("--prefix-chunks", type=int, default=3, help="previous chunks given as context (default 3)")
-    parser.add_argument("--max-latent-tokens", type=int, default=1024, help="cap on a latent's length (default 1024)")
-    parser.add_argument("--seed", type=int, default=0, help="run seed; same seed, same latents")
+    parser.add_argument("--prefix-chunks", type=int, default=s.prefix_chunks,
+                        help=f"previous chunks given as context (default {s.prefix_chunks})")
+    parser.add_argument("--max-latent-tokens", type=int, default=s.max_latent_tokens,
+                        help=f"cap on a latent's length (default {s.max_latent_tokens})")
+    parser.add_argument("--seed", type=int, default=s.seed, help="run seed; same seed, same latents")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def make_engine(args: argparse.Namespace):
-    if not os.path.isfile(os.path.join(args.model, "config.json")):
-        raise UserError(f"{args.model}: no config.json (expected an HF export directory)")
-    if args.engine in ("sglang", "vllm-server"):
-        if not args.server:
-            raise UserError(f"--engine {args.engine} needs --server URL [URL ...]")
-        if args.engine == "sglang":
-            from megatron_bolt.inference.sglang import SGLangEngine
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    if args.engine in ("sglang", "vllm-server") and not args.server:
+        raise UserError(f"--engine {args.engine} needs --server URL [URL ...]")
+    return EngineConfig(engine=args.engine, server=list(args.server), concurrency=args.concurrency,
+                        device=args.device, threads=args.threads, batch_rows=args.batch_rows,
+                        kv_cache_gib=args.kv_cache_gib, vllm_dtype=args.vllm_dtype, vllm_graphs=args.vllm_graphs)
 
-            return SGLangEngine(args.server, concurrency=args.concurrency)
-        from megatron_bolt.inference.vllm_server import VLLMServerEngine
 
-        return VLLMServerEngine(args.server, concurrency=args.concurrency)
-    import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.engine == "vllm":
-        from megatron_bolt.inference.vllm import VLLMEngine
-
-        return VLLMEngine(args.model, dtype=args.vllm_dtype, kv_cache_gib=args.kv_cache_gib,
-                          max_num_seqs=args.batch_rows, eager=not args.vllm_graphs)
-    from megatron_bolt.inference.local import LocalEngine
-
-    return LocalEngine(args.model, device=args.device, max_batch_rows=args.batch_rows)
+def estep_config(args: argparse.Namespace, samples: int) -> EStepConfig:
+    cfg = EStepConfig(samples, args.prefix_chunks, args.max_latent_tokens, args.seed)
+    for key, message in cfg.problems():
+        raise UserError(f"--{key.replace('_', '-')}: {message}")
+    return cfg
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,20 +73,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_bolt.latents.estep import EStepSettings, open_or_create_store, parse_shard, run_estep
+    from megatron_bolt.latents.estep import open_engine, open_or_create_store, parse_shard, run_estep
     from megatron_bolt.stores.chunk_store import open_chunk_store
     from megatron_bolt.stores.latent_store import existing_block_size
 
-    if args.samples < 1:
-        raise UserError("--samples must be >= 1")
     shard = parse_shard(args.shard)
+    settings = estep_config(args, args.samples)
+    engine_cfg = engine_config(args)
     chunks = open_chunk_store(args.chunks)
-    settings = EStepSettings(args.samples, args.prefix_chunks, args.max_latent_tokens, args.seed)
     meta = {"engine": args.engine, "model": os.path.abspath(args.model), "chunks": str(args.chunks)}
     block_size = args.block_size or existing_block_size(args.out) or 256
-    store = open_or_create_store(args.out, chunks.num_chunks, settings, block_size, meta)
-    engine = make_engine(args)
+    engine = open_engine(args.model, engine_cfg)
     try:
+        store = open_or_create_store(args.out, chunks.num_chunks, settings, block_size, meta)
         totals = run_estep(engine, chunks, store, settings, shard, block_meta={"engine": args.engine},
                            progress=not args.quiet, max_blocks=args.max_blocks)
     finally:
