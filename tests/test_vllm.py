@@ -21,11 +21,12 @@ from test_estep import MAX_LATENT, PREFIX, SPECIAL, assert_same_store, assert_we
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from megatron_bolt.cli import main as bolt_main
+from megatron_bolt.config import EngineConfig
 from megatron_bolt.data.formats import posterior_sampling_prompt, prior_scoring_sequence
 from megatron_bolt.errors import UserError
 from megatron_bolt.inference.local import LocalEngine
 from megatron_bolt.inference.vllm import VLLMEngine
-from megatron_bolt.latents.estep import latent_ids
+from megatron_bolt.latents.estep import latent_ids, open_engine
 from megatron_bolt.stores.chunk_store import ChunkStore, write_chunk_store
 from megatron_bolt.stores.latent_store import LatentStore
 from megatron_bolt.tokenizer import train_bpe_tokenizer
@@ -222,3 +223,10 @@ def test_eval_through_vllm_matches_local(tmp_path):
         runs[name] = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert len(runs["vllm"]) == 6 and runs["vllm"] == runs["local"]
     assert any(r["generation"] for r in runs["vllm"])
+
+
+def test_vllm_server_engine_needs_a_server(world):
+    with pytest.raises(UserError, match="vllm-server engine needs at least one server URL"):
+        open_engine(world[1], EngineConfig(engine="vllm-server"))
+    assert bolt_main(["estep", "--engine", "vllm-server", "--model", world[1], "--chunks", world[2],
+                      "--out", str(world[0] / "x.zarr"), "--samples", "2"]) == 2
