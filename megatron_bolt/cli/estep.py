@@ -26,6 +26,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="local engine: torch CPU threads (1 is fastest for small models on busy machines)")
     parser.add_argument("--batch-rows", type=int, default=64,
                         help="local engine: (chunk, sample) rows decoded together (raise on a GPU)")
+    parser.add_argument("--context-length", type=int, default=None,
+                        help="truncate prompts and scored sequences to this many tokens, as the BoLT reference does "
+                             "(default: the engine's: max_position_embeddings, or what the SGLang server accepts)")
     parser.add_argument("--prefix-chunks", type=int, default=3, help="previous chunks given as context (default 3)")
     parser.add_argument("--max-latent-tokens", type=int, default=1024, help="cap on a latent's length (default 1024)")
     parser.add_argument("--seed", type=int, default=0, help="run seed; same seed, same latents")
@@ -35,19 +38,21 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 def make_engine(args: argparse.Namespace):
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         raise UserError(f"{args.model}: no config.json (expected an HF export directory)")
+    if args.context_length is not None and args.context_length < 2:
+        raise UserError(f"--context-length {args.context_length}: must be at least 2")
     if args.engine == "sglang":
         if not args.server:
             raise UserError("--engine sglang needs --server URL [URL ...]")
         from megatron_bolt.inference.sglang import SGLangEngine
 
-        return SGLangEngine(args.server, concurrency=args.concurrency)
+        return SGLangEngine(args.server, concurrency=args.concurrency, context_length=args.context_length)
     import torch
 
     from megatron_bolt.inference.local import LocalEngine
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return LocalEngine(args.model, device=args.device, max_batch_rows=args.batch_rows)
+    return LocalEngine(args.model, device=args.device, max_batch_rows=args.batch_rows, context_length=args.context_length)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
