@@ -179,6 +179,53 @@ def chunk_prompt_seed(seed: int, block: int, chunk: int) -> int:
     return derive_seed(seed, block, chunk)
 
 
+@dataclass
+class _BlockInputs:
+    """What a block's chunks give the engines: `BOS`, the prefixes C, the chunks X, the q prompts."""
+
+    ids: LatentTokenIds
+    bos: list[int]
+    prefixes: list[list[int]]
+    xs: list[list[int]]
+    prompts: list[list[int]]
+    context: int | None
+    cut: Truncation
+
+
+def _block_inputs(engine: Engine, chunks, chunk_indices: list[int], settings: EStepSettings) -> _BlockInputs:
+    sp = chunks.special_tokens
+    ids = latent_ids(sp)
+    bos = [int(sp["bos"])] if sp.get("bos") is not None and int(sp["bos"]) >= 0 else []
+    inp = _BlockInputs(ids, bos, [], [], [], engine.context_length, Truncation())
+    for i in chunk_indices:
+        c = [int(t) for t in chunks.prefix_tokens(i, settings.prefix_chunks)]
+        x = [int(t) for t in chunks.chunk_tokens(i)]
+        inp.prefixes.append(c)
+        inp.xs.append(x)
+        full = bos + posterior_sampling_prompt(c, x, ids)
+        inp.prompts.append(truncate_q_prompt(full, inp.context, settings.max_latent_tokens))
+        inp.cut.q_prompts += len(inp.prompts[-1]) < len(full)
+    return inp
+
+
+def _joint_rows(inp: _BlockInputs, latents: list[list[list[int]]]) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompts, continuations) scoring log p(Z, X | C) for every latent, truncated per chunk."""
+    score_prompts, score_conts = [], []
+    for j, zs in enumerate(latents):
+        seqs = []
+        for z in zs:
+            seq, start = prior_scoring_sequence(inp.prefixes[j], z, inp.xs[j], inp.ids)
+            seqs.append(inp.bos + seq)
+        seqs, start, x_cut = truncate_joint(seqs, len(inp.bos) + start, len(inp.xs[j]), inp.context)
+        inp.cut.joint += start < len(inp.bos) + len(inp.prefixes[j]) or x_cut > 0
+        inp.cut.x_tail += x_cut > 0
+        inp.cut.x_tokens_cut += x_cut
+        for seq in seqs:
+            score_prompts.append(seq[:start])
+            score_conts.append(seq[start:])
+    return score_prompts, score_conts
+
+
 def sample_and_weight(
     engine: Engine,
     chunks,  # ChunkStore
@@ -189,46 +236,16 @@ def sample_and_weight(
 ) -> BlockResult:
     """Sample K latents for each chunk, score them, and compute log w and the resampled choice."""
     k = samples or settings.samples
-    sp = chunks.special_tokens
-    ids = latent_ids(sp)
-    bos = [int(sp["bos"])] if sp.get("bos") is not None and int(sp["bos"]) >= 0 else []
-    context = engine.context_length
-    cut = Truncation()
-    prefixes, xs, prompts = [], [], []
-    for i in chunk_indices:
-        c = [int(t) for t in chunks.prefix_tokens(i, settings.prefix_chunks)]
-        x = [int(t) for t in chunks.chunk_tokens(i)]
-        prefixes.append(c)
-        xs.append(x)
-        full = bos + posterior_sampling_prompt(c, x, ids)
-        prompts.append(truncate_q_prompt(full, context, settings.max_latent_tokens))
-        cut.q_prompts += len(prompts[-1]) < len(full)
+    inp = _block_inputs(engine, chunks, chunk_indices, settings)
     seeds = [chunk_prompt_seed(settings.seed, block, i) for i in chunk_indices]
     t0 = time.perf_counter()
-    sampled = engine.sample(prompts, k, settings.max_latent_tokens, [ids.eol], seed=seeds)
+    sampled = engine.sample(inp.prompts, k, settings.max_latent_tokens, [inp.ids.eol], seed=seeds)
     t1 = time.perf_counter()
     n = len(chunk_indices)
-    latents: list[list[list[int]]] = []
-    log_q = np.zeros((n, k))
-    finished = np.zeros((n, k), dtype=bool)
-    score_prompts, score_conts = [], []
-    for j, per in enumerate(sampled):
-        zs, seqs = [], []
-        for s_idx, s in enumerate(per):
-            z = s.body()
-            zs.append(z)
-            log_q[j, s_idx] = s.logprob_sum
-            finished[j, s_idx] = s.finished
-            seq, start = prior_scoring_sequence(prefixes[j], z, xs[j], ids)
-            seqs.append(bos + seq)
-        seqs, start, x_cut = truncate_joint(seqs, len(bos) + start, len(xs[j]), context)
-        cut.joint += start < len(bos) + len(prefixes[j]) or x_cut > 0
-        cut.x_tail += x_cut > 0
-        cut.x_tokens_cut += x_cut
-        for seq in seqs:
-            score_prompts.append(seq[:start])
-            score_conts.append(seq[start:])
-        latents.append(zs)
+    latents = [[s.body() for s in per] for per in sampled]
+    log_q = np.array([[s.logprob_sum for s in per] for per in sampled], dtype=np.float64).reshape(n, k)
+    finished = np.array([[s.finished for s in per] for per in sampled], dtype=bool).reshape(n, k)
+    score_prompts, score_conts = _joint_rows(inp, latents)
     t2 = time.perf_counter()
     log_p = np.asarray(engine.score(score_prompts, score_conts), dtype=np.float64).reshape(n, k)
     t3 = time.perf_counter()
@@ -238,7 +255,27 @@ def sample_and_weight(
         dtype=np.int32,
     )
     return BlockResult(list(chunk_indices), latents, log_q, log_p, log_w, chosen, finished, t1 - t0, t3 - t2,
-                       cut, context)
+                       inp.cut, inp.context)
+
+
+def weigh_latents(
+    engine: Engine, chunks, chunk_indices: list[int], latents: list[list[list[int]]], settings: EStepSettings
+) -> tuple[np.ndarray, np.ndarray]:
+    """(log q, log p) of given latents (as a latent store holds them: no closing EoL) under `engine`,
+    both by scoring, with the E-step's prompts and truncation: compares engines on the same latents.
+
+    A latent shorter than max_latent_tokens ended with EoL, whose log-prob log q includes."""
+    latents = [[[int(t) for t in z] for z in zs] for zs in latents]
+    inp = _block_inputs(engine, chunks, chunk_indices, settings)
+    q_prompts, q_conts = [], []
+    for prompt, zs in zip(inp.prompts, latents):
+        for z in zs:
+            q_prompts.append(prompt)
+            q_conts.append(z + ([inp.ids.eol] if len(z) < settings.max_latent_tokens else []))
+    shape = (len(latents), len(latents[0]) if latents else 0)
+    log_q = np.asarray(engine.score(q_prompts, q_conts), dtype=np.float64).reshape(shape)
+    log_p = np.asarray(engine.score(*_joint_rows(inp, latents)), dtype=np.float64).reshape(shape)
+    return log_q, log_p
 
 
 def parse_shard(text: str) -> tuple[int, int]:
