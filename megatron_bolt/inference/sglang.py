@@ -130,8 +130,8 @@ class SGLangEngine(Engine):
     @property
     def context_length(self) -> int | None:
         """`max_req_input_len - 1` of the first server that answers `/server_info` (or the older
-        `/get_server_info`), or the smaller context_length asked for; None, with a warning, when
-        neither is known."""
+        `/get_server_info`; behind sglang-router, the smallest of its `/workers`), or the smaller
+        context_length asked for; None, with a warning, when neither is known."""
         if not self._context_known:
             limits = [c for c in (self._ask_context_length(), self._context_cap) if c]
             self._context_length = min(limits) if limits else None
@@ -140,22 +140,37 @@ class SGLangEngine(Engine):
 
     def _ask_context_length(self) -> int | None:
         for url in self.pool.healthy() or self.pool.urls:
-            for path in ("/server_info", "/get_server_info"):
-                try:
-                    r = self._session().get(f"{url}{path}", timeout=min(self.timeout_s, 30.0))
-                    info = r.json() if r.status_code == 200 else None
-                except (requests.RequestException, ValueError):
-                    info = None
-                if isinstance(info, list) and info:  # a router answers one entry per worker
-                    info = info[0]
-                if not isinstance(info, dict):
-                    continue
-                if info.get("max_req_input_len"):
-                    return int(info["max_req_input_len"]) - 1
-                if info.get("context_length"):  # no scheduler figure: keep SGLang's margin of 6
-                    return int(info["context_length"]) - 7
+            limit = self._server_limit(url)
+            if limit is None:  # sglang-router: its /get_server_info has no model figures; ask its workers
+                limits = [c for w in self._router_workers(url) if (c := self._server_limit(w)) is not None]
+                limit = min(limits) if limits else None
+            if limit is not None:
+                return limit
         log.warning("sglang engine: no server reported max_req_input_len or context_length; no truncation")
         return None
+
+    def _get_json(self, url: str) -> Any:
+        try:
+            r = self._session().get(url, timeout=min(self.timeout_s, 30.0))
+            return r.json() if r.status_code == 200 else None
+        except (requests.RequestException, ValueError):
+            return None
+
+    def _server_limit(self, url: str) -> int | None:
+        for path in ("/server_info", "/get_server_info"):  # the second is the older servers' name
+            info = self._get_json(f"{url}{path}")
+            if not isinstance(info, dict):
+                continue
+            if info.get("max_req_input_len"):
+                return int(info["max_req_input_len"]) - 1
+            if info.get("context_length"):  # no scheduler figure: keep SGLang's margin of 6
+                return int(info["context_length"]) - 7
+        return None
+
+    def _router_workers(self, url: str) -> list[str]:
+        info = self._get_json(f"{url}/workers")
+        workers = info.get("workers") if isinstance(info, dict) else None
+        return [str(w["url"]).rstrip("/") for w in workers or [] if isinstance(w, dict) and w.get("url")]
 
     # ---------------------------------------------------------------------------------- transport
     def _session(self) -> requests.Session:
