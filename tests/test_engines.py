@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 import requests
 import torch
@@ -86,6 +87,33 @@ def test_local_sampling_is_seeded_and_batch_independent(model_dir):
     # prompt 2 alone, with the seed it had in the batch, draws the same samples
     alone = eng.sample([PROMPTS[2]], 2, 16, STOP, seed=[derive_seed(3, 2)])
     assert toks(alone)[0] == toks(a)[2]
+
+
+def test_local_batch_composition_changes_a_sample_only_at_a_cdf_boundary(model_dir, reference):
+    """What base.py promises: a row draws the same uniforms in any batch, so its sample can differ
+    between batch layouts only where a draw lies within float rounding of a CDF boundary."""
+    from megatron_bolt.inference.base import sample_seed, step_uniforms
+
+    many = [[0, 4 + i % 40, 5 + (7 * i) % 37, 6 + i % 11][: 2 + i % 3] for i in range(8)]  # padding varies
+    layouts = [LocalEngine(model_dir, max_batch_rows=r).sample(many, 3, 16, STOP, seed=8) for r in (2, 5, 24)]
+    assert layouts[2] == LocalEngine(model_dir, max_batch_rows=24).sample(many, 3, 16, STOP, seed=8)  # same call
+    boundary_hits = 0
+    for i, prompt in enumerate(many):
+        for j in range(3):
+            ref = layouts[0][i][j].tokens
+            for other in (layouts[1][i][j].tokens, layouts[2][i][j].tokens):
+                if other == ref:
+                    continue
+                t = next(k for k, (a, b) in enumerate(zip(ref, other)) if a != b)
+                with torch.no_grad():
+                    logits = reference(torch.tensor([prompt + ref[:t]])).logits[0, -1].double()
+                cdf = torch.softmax(logits, -1).cumsum(-1)
+                seed = np.array([sample_seed(derive_seed(8, i), j) & ((1 << 64) - 1)], dtype=np.uint64)
+                target = float(step_uniforms(seed, t)[0]) * float(cdf[-1])
+                lo, hi = sorted((ref[t], other[t]))
+                assert min(abs(target - float(cdf[k])) for k in range(lo, hi)) < 1e-5, (i, j, t)
+                boundary_hits += 1
+    assert boundary_hits <= 4, "more than rounding: rows should almost never change with the layout"
 
 
 def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:

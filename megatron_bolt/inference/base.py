@@ -12,9 +12,10 @@ the sample index. What that guarantees, precisely:
 - a different batch composition (other prompts alongside, another batch size or padding width)
   can change a sample: the logits then differ in the last bits of floating point (matmul blocking,
   padding), and a draw whose uniform lies within that rounding of a CDF boundary picks the
-  neighbouring token (measured: 9 of 128 rows of an 8-layer d512 fp32 model differ between batches
-  of 64 and 128). Every sample is still an exact draw from the model's distribution, and its log-probs
-  are those of the tokens it holds; only bit-reproducibility across batch layouts is not promised.
+  neighbouring token (issue 16 measured 9 of 128 rows of an 8-layer d512 fp32 model differing
+  between batches of 64 and 128; once one token differs, the rest of the row follows it). Every
+  sample is still an exact draw from the model's distribution, and its log-probs are those of the
+  tokens it holds; only bit-reproducibility across batch layouts is not promised.
 Servers add their own conditions (SGLang honours seeds only with --enable-deterministic-inference).
 
 Context: `context_length` is the longest token sequence an engine takes (prompt plus new tokens
