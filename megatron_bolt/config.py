@@ -262,6 +262,9 @@ class EngineConfig:
     device: str | None = None  # local: torch device (None: cuda if available)
     threads: int | None = None  # local: torch CPU threads
     batch_rows: int = 64  # local: (chunk, sample) rows decoded together
+    # truncate prompts and scored sequences to this many tokens as the BoLT reference does
+    # (None: the engine's own context: max_position_embeddings, or what the SGLang server accepts)
+    context_length: int | None = None
 
     def problems(self) -> Iterator[tuple[str, str]]:
         if self.engine == "sglang" and not self.server:
@@ -270,6 +273,8 @@ class EngineConfig:
             yield "concurrency", "concurrency and batch_rows must be >= 1"
         if self.threads is not None and self.threads < 1:
             yield "threads", f"expected >= 1 or null, got {self.threads}"
+        if self.context_length is not None and self.context_length < 2:
+            yield "context_length", f"expected >= 2 or null, got {self.context_length}"
 
 
 @dataclass
