@@ -36,6 +36,8 @@ def _generator(seed: int, name: str) -> torch.Generator:
 def _full_tensor(name: str, shape: tuple[int, ...], cfg: ModelConfig, seed: int) -> torch.Tensor:
     if name.endswith("layer_norm_weight") or "layernorm" in name or name.endswith("final_layernorm.weight"):
         return torch.ones(shape)
+    if name.endswith(".bias"):  # q/k/v biases (Qwen2 shape) start at zero, as in Megatron
+        return torch.zeros(shape)
     std = cfg.init_std
     if name.endswith("linear_proj.weight") or name.endswith("linear_fc2.weight"):
         std = cfg.init_std / math.sqrt(2.0 * cfg.num_layers)  # Megatron's scaled init for output projections
