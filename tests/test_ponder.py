@@ -43,7 +43,7 @@ def _model(latents: int):
 
 @pytest.mark.parametrize("latents", [1, 2])
 def test_jacobi_equals_sequential_kv_cached(single_rank, latents):
-    from megatron_bolt.models.ponder_generate import prefill, sequential_logits, step_token
+    from megatron_bolt.models.generation import prefill, sequential_logits, step_token
 
     model, cfg = _model(latents)
     V = cfg.model.vocab_size
@@ -69,9 +69,43 @@ def test_jacobi_equals_sequential_kv_cached(single_rank, latents):
     torch.testing.assert_close(nxt, reference[:, 6], atol=1e-4, rtol=1e-4)
 
 
+def test_warm_up_grows_the_sequence_and_prefill_runs_j_iterations(single_rank):
+    """K = 2, J = 1 by hand: a plain pass; a pass over (e, z1) whose two slot outputs become z1, z2
+    (PonderLM-2's warm-up, not copies of the plain pass); one Jacobi pass over (e, z1, z2); the
+    final pass. The generation prefill ends with that final pass, so its logits are the forward's."""
+    from megatron_bolt.models.generation import prefill
+
+    model, cfg = _model(2)
+    V, T = cfg.model.vocab_size, 7
+    tokens = torch.randint(1, V, (1, T), generator=torch.Generator().manual_seed(3))
+    pos = torch.arange(T)
+    with torch.no_grad():
+        emb = model.embed(tokens, pos.unsqueeze(0))  # [T, 1, h]
+
+        def run(slots):  # slots: [T, s, 1, h] -> outputs [T, s, 1, h]
+            s = slots.shape[1]
+            out = model.decoder(hidden_states=slots.reshape(T * s, 1, -1), attention_mask=None,
+                                rotary_pos_emb=model.rotary_for(pos.repeat_interleave(s)))
+            return out.view(T, s, 1, -1)
+
+        plain = run(emb[:, None])[:, 0]
+        warm = run(torch.stack([emb, plain], 1))
+        z1, z2 = warm[:, 0], warm[:, 1]
+        jac = run(torch.stack([emb, z1, z2], 1))
+        final = run(torch.stack([emb, jac[:, 0], jac[:, 1]], 1))
+        want = model.logits(final[:, 2])[..., :V].transpose(0, 1).float()
+        model.jacobi_override = 1
+        got = model(tokens, pos.unsqueeze(0), None)[..., :V].float()
+        _, last = prefill(model, tokens, V, jacobi_iters=1)
+        model.jacobi_override = None
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(last, got[:, -1], atol=1e-4, rtol=1e-4)
+    assert (z2 - plain).abs().max() > 1e-2  # z2 starts from a 2-step computation, not a copy of z1
+
+
 def test_cached_decoding_of_a_gpt_model_matches_its_forward(single_rank):
     """`bolt generate` on vanilla checkpoints uses the same cached decoder with K = 0."""
-    from megatron_bolt.models.ponder_generate import generate, prefill, sequential_logits
+    from megatron_bolt.models.generation import generate, prefill, sequential_logits
     from megatron_bolt.training.loop import build_model
 
     cfg = load_config(TINY_CONFIG, ["model.seq_len=16", "model.init_std=0.2"])

@@ -117,6 +117,19 @@ def layer_spec(model: ModelConfig):
     return spec
 
 
+def rotary_for(model: GPTModel, positions: torch.Tensor) -> torch.Tensor:
+    """RoPE frequencies [n, 1, 1, d] for explicit position ids [n] (not 0..n-1)."""
+    return model.rotary_pos_emb(int(positions.max().item()) + 1)[positions.long()]
+
+
+def output_logits(model: GPTModel, hidden: torch.Tensor) -> torch.Tensor:
+    """The output layer on post-final-norm hidden states [s, b, h] (tied: the embedding matrix);
+    logits [s, b, vocab / tp] (this rank's vocabulary shard)."""
+    weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
+    out, _ = model.output_layer(hidden, weight=weight)
+    return out
+
+
 def build_gpt(
     model: ModelConfig,
     parallel: ParallelConfig,
