@@ -239,6 +239,7 @@ def test_ponder_export_to_hf_matches_megatron(single_rank, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from megatron_bolt.convert.mcore_to_hf import convert_mcore_to_hf
+    from megatron_bolt.evaluation.evaluate import evaluate
     from megatron_bolt.inference.local import LocalEngine
     from megatron_bolt.models.generation import generate
     from megatron_bolt.tokenizer import train_bpe_tokenizer
@@ -281,6 +282,8 @@ def test_ponder_export_to_hf_matches_megatron(single_rank, tmp_path):
     # bolt eval's engine: both prompts in one left-padded batch, one shared cache
     rows = LocalEngine(str(tmp_path / "hf"), device="cpu").generate_greedy(prompts, 6, stop=[])
     assert [r.tokens for r in rows] == ref
+    result = evaluate(str(tmp_path / "hf"), "toy", None, shots=1, limit=2, max_new_tokens=4, batch_size=2)
+    assert result["n"] == 2 and result["truncated_prompts"] == 2  # ran; prompts cut to the 64-token context
 
     seqs = tmp_path / "seqs.jsonl"
     seqs.write_text("".join(json.dumps({"tokens": s}) + "\n" for s in tokens.tolist()))
