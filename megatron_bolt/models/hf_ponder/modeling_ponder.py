@@ -244,7 +244,7 @@ class PonderForCausalLM(PonderPreTrainedModel):
         **kwargs,
     ) -> CausalLMOutputWithPast:
         S = self.config.latents_per_token + 1
-        cache = past_key_values
+        cache = past_key_values if past_key_values is not None else kwargs.get("cache")  # 5.x's new name
         if cache is None and use_cache:
             cache = DynamicCache()
         past = cache.get_seq_length() // S if cache is not None else 0
