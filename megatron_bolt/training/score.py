@@ -45,7 +45,7 @@ def load_for_inference(ckpt_dir: str | Path):
     """(model, cfg) at TP = world size, PP = 1, weights from the checkpoint. Collective."""
     cfg = ckpt.read_run_config(ckpt_dir)
     world = dist.get_world_size() if dist.is_initialized() else int(__import__("os").environ.get("WORLD_SIZE", 1))
-    cfg.parallel.tp, cfg.parallel.pp = world, 1
+    cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp = world, 1, 1
     from megatron_bolt.config import validate
 
     validate(cfg)
