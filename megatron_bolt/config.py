@@ -32,8 +32,14 @@ class ModelConfig:
     num_query_groups: int | None = None  # GQA: number of KV heads; None = MHA
     ffn_hidden_size: int | None = None  # None = Llama's rounding of 8/3 * hidden
     vocab_size: int = 512  # real vocabulary; padded for TP inside the model
-    seq_len: int = 128
+    seq_len: int = 128  # training sequence length
+    max_position_embeddings: int | None = None  # the model's own context (exported to HF); None = seq_len
+    kv_channels: int | None = None  # head dim; None = hidden_size / num_attention_heads (HF head_dim)
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
     rope_base: float = 10000.0
+    # Llama-3 ("llama3") RoPE scaling as Megatron-Core implements it: this factor, low/high frequency
+    # factors 1 and 4, original context 8192 (Llama 3.1/3.2/3.3). None = plain RoPE.
+    rope_scaling_factor: float | None = None
     tie_embeddings: bool = False
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -65,6 +71,15 @@ class ModelConfig:
     @property
     def kv_heads(self) -> int:
         return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def context(self) -> int:
+        """The longest sequence the model is meant for (HF `max_position_embeddings`)."""
+        return self.max_position_embeddings or self.seq_len
 
     @property
     def ffn(self) -> int:
@@ -492,16 +507,23 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     m, par, t = cfg.model, cfg.parallel, cfg.train
     if m.type not in ("gpt", "ponder"):
         raise UserError(f"model.type: expected 'gpt' or 'ponder', got {m.type!r}")
-    if m.hidden_size % m.num_attention_heads:
+    if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
         raise UserError(
-            f"model.num_attention_heads ({m.num_attention_heads}) must divide model.hidden_size ({m.hidden_size})"
+            f"model.num_attention_heads ({m.num_attention_heads}) must divide model.hidden_size ({m.hidden_size}), "
+            "or set model.kv_channels"
         )
+    if m.kv_channels is not None and m.kv_channels < 2:
+        raise UserError(f"model.kv_channels must be >= 2, got {m.kv_channels}")
     if m.num_attention_heads % m.kv_heads:
         raise UserError(
             f"model.num_query_groups ({m.kv_heads}) must divide model.num_attention_heads ({m.num_attention_heads})"
         )
-    if (m.hidden_size // m.num_attention_heads) % 2:
-        raise UserError("model.hidden_size / model.num_attention_heads must be even for RoPE")
+    if m.head_dim % 2:
+        raise UserError(f"the head dim ({m.head_dim}: model.kv_channels or hidden/heads) must be even for RoPE")
+    if m.rope_scaling_factor is not None and m.rope_scaling_factor < 1:
+        raise UserError(f"model.rope_scaling_factor must be >= 1 (or null), got {m.rope_scaling_factor}")
+    if m.max_position_embeddings is not None and m.max_position_embeddings < 1:
+        raise UserError(f"model.max_position_embeddings must be >= 1 (or null), got {m.max_position_embeddings}")
     if par.tp < 1 or par.pp < 1:
         raise UserError("parallel.tp and parallel.pp must be >= 1")
     if m.num_attention_heads % par.tp:
