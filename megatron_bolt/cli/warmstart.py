@@ -7,6 +7,12 @@ import argparse
 import sys
 
 from megatron_bolt.errors import UserError
+from megatron_bolt.latents.teachers import (
+    DEFAULT_MAX_TOKENS,
+    DEFAULT_MODEL,
+    DEFAULT_SYSTEM_PROMPT,
+    DEFAULT_TEMPERATURE,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,11 +39,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("openai teacher")
     g.add_argument("--base-url", default=None, help="API base URL, e.g. http://host:8000/v1 (default $OPENAI_BASE_URL, "
                                                     "else https://api.openai.com/v1)")
-    g.add_argument("--model", default=None, help="model name (default $OPENAI_MODEL)")
+    g.add_argument("--model", default=None,
+                   help=f"model name (default $OPENAI_MODEL, else {DEFAULT_MODEL}, the reference's teacher)")
     g.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
                    help="environment variable holding the API key, sent as Authorization: Bearer (default OPENAI_API_KEY)")
-    g.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7, as method.md's teacher)")
-    g.add_argument("--max-tokens", type=int, default=1024, help="max_tokens of each completion; 0 leaves it out (default 1024)")
+    g.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
+                   help=f"sampling temperature (default {DEFAULT_TEMPERATURE}, as the reference's teacher)")
+    g.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                   help=f"max_tokens of each completion; 0 leaves it out (default {DEFAULT_MAX_TOKENS}, as the reference)")
     g.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8); keep --block-size well above it, since a block's "
                         "slowest requests hold up the next block")
     g.add_argument("--requests-per-minute", type=float, default=None, help="request starts per minute, spread evenly (default: no limit)")
@@ -47,7 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="first retry delay, doubled each retry up to 60 s; a Retry-After header takes precedence (default 1)")
     g.add_argument("--timeout", type=float, default=120.0, metavar="S", help="per-request timeout (default 120)")
     g.add_argument("--prompt-file", default=None, metavar="F",
-                   help="prompt template with {prefix} and {suffix} (default: the built-in warm-start prompt)")
+                   help="prompt template with {prefix} and {suffix} (default: the built-in warm-start prompt, the "
+                        "reference's restated); an empty prefix is sent as N/A")
+    g.add_argument("--system-prompt", default=None, metavar="TEXT",
+                   help="system message sent before the prompt (default: the built-in one; '' sends none)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -62,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
     teacher = make_teacher(
         args.teacher, base_url=args.base_url, model=args.model, api_key_env=args.api_key_env,
         prompt_file=args.prompt_file, temperature=args.temperature, max_tokens=args.max_tokens or None,
+        system_prompt=DEFAULT_SYSTEM_PROMPT if args.system_prompt is None else args.system_prompt,
         concurrency=args.concurrency, requests_per_minute=args.requests_per_minute,
         max_retries=args.max_retries, timeout_s=args.timeout, backoff_s=args.retry_backoff,
     )
