@@ -162,11 +162,11 @@ class MergeConfig:
 
 @dataclass
 class EvalConfig:
-    task: str = "toy"  # toy | gsm8k | math
+    task: str = "toy"  # toy | gsm8k | math | mmlu_stem
     data: str | None = None  # None with task toy: held-out problems from the toy world
-    limit: int | None = 200
-    shots: int = 4
-    max_new_tokens: int = 256
+    limit: int | None = None  # None: the whole test set (toy: 200 generated problems)
+    shots: int | None = None  # None: the task's default (gsm8k 8, others 4), as `bolt eval`
+    max_new_tokens: int = 1024  # as `bolt eval` (clamped to the model's context)
 
 
 @dataclass
@@ -205,8 +205,8 @@ def load_em_config(path: str | Path | None, overrides: list[str] | None = None) 
         raise UserError(f"config key 'warmstart.train_steps': expected >= 1 or null, got {cfg.warmstart.train_steps}")
     if not 0 <= cfg.corpus.chunk_poisson_mean <= 100:
         raise UserError(f"config key 'corpus.chunk_poisson_mean': expected 0..100, got {cfg.corpus.chunk_poisson_mean}")
-    if cfg.eval.task not in ("toy", "gsm8k", "math"):
-        raise UserError(f"config key 'eval.task': expected toy, gsm8k or math, got {cfg.eval.task!r}")
+    if cfg.eval.task not in ("toy", "gsm8k", "math", "mmlu_stem"):
+        raise UserError(f"config key 'eval.task': expected toy, gsm8k, math or mmlu_stem, got {cfg.eval.task!r}")
     if cfg.eval.task != "toy" and not cfg.eval.data:
         raise UserError(f"eval.task {cfg.eval.task!r} needs eval.data (a JSONL file)")
     return cfg

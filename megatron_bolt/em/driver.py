@@ -205,8 +205,10 @@ class EMDriver:
 
     def evaluate(self, stage: Stage, fmt: str) -> None:
         e = self.cfg.eval
-        args = ["eval", "--model", str(stage.hf), "--task", e.task, "--shots", str(e.shots), "--format", fmt,
+        args = ["eval", "--model", str(stage.hf), "--task", e.task, "--format", fmt,
                 "--out", str(stage.dir / "eval"), "--max-new-tokens", str(e.max_new_tokens)]
+        if e.shots is not None:
+            args += ["--shots", str(e.shots)]
         if e.data:
             args += ["--data", e.data]
         if e.limit:
