@@ -17,6 +17,7 @@ from megatron_bolt.data.chunking import (
     sentence_boundaries,
     sentences_per_chunk,
     split_chunks,
+    uniform_sentences_per_chunk,
 )
 from megatron_bolt.stores import chunk_store as cs
 from megatron_bolt.stores.chunk_store import ChunkStore, ChunkStoreWriter, write_chunk_store
@@ -115,6 +116,15 @@ def test_sentences_per_chunk_is_poisson_plus_one_capped_and_seeded_by_text():
     assert min(counts) >= 1 and max(counts) <= MAX_SENTENCES_PER_CHUNK
     assert 7.7 < np.mean(counts[:-1]) < 8.3  # E[min(Poisson(7) + 1, 20)] ~ 8.0
     assert sentences_per_chunk("another document", 500) != sentences_per_chunk("some document", 500)
+
+
+def test_uniform_chunking_is_the_references_validation_chunking():
+    # ceil(n / 8) chunks, boundaries int(linspace(0, n, chunks + 1))
+    assert uniform_sentences_per_chunk(20) == [6, 7, 7]
+    assert uniform_sentences_per_chunk(9) == [4, 5]
+    assert uniform_sentences_per_chunk(8) == [8] and uniform_sentences_per_chunk(1) == [1]
+    text = " ".join(f"Sentence number {i}." for i in range(9))
+    assert [len(sentence_boundaries(c)) + 1 for c in chunk_texts(text, uniform=True)] == [4, 5]
 
 
 def test_chunk_poisson_mean_sets_the_chunk_size():

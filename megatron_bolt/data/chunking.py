@@ -16,6 +16,9 @@ in ryoungj/BoLT `apps/main/gen_utils/chunk_gen.py`. In this project's terms:
    worker count, shard or run. `poisson_mean` replaces the 7 (the reference writes it as
    `units_per_chunk - min_units_per_chunk` = 8 - 1).
 
+For validation the reference chunks uniformly instead (`uniform_sentences_per_chunk`): ceil(n / 8)
+chunks of as equal a number of units as possible (`bolt preprocess --chunking uniform`).
+
 Where this differs from the reference, on purpose:
 
 - The reference's units drop the characters its paragraph regex skips (line breaks before the
@@ -34,6 +37,7 @@ its own is merged into the next one.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from functools import lru_cache
 
@@ -51,10 +55,17 @@ _SENTENCE_END = re.compile(r"[.?!]")
 
 @lru_cache(maxsize=1)
 def _punkt():
-    # One instance per process: building it compiles Punkt's regexes.
+    # One instance per process: importing nltk takes seconds, building the tokenizer compiles
+    # Punkt's regexes.
     from nltk.tokenize.punkt import PunktSentenceTokenizer
 
     return PunktSentenceTokenizer()
+
+
+def load_sentence_splitter() -> None:
+    """Import and build the sentence splitter now (before timed work, and before worker processes
+    fork, so that they inherit it)."""
+    _punkt()
 
 
 def _sentence_ends(paragraph: str) -> list[int]:
@@ -102,18 +113,33 @@ def sentences_per_chunk(text: str, n_sentences: int, poisson_mean: float = MEAN_
     return counts
 
 
-def chunk_char_boundaries(text: str, poisson_mean: float = MEAN_EXTRA_SENTENCES) -> list[int]:
-    """Character positions where each chunk after the first begins."""
+UNIFORM_UNITS_PER_CHUNK = 8
+
+
+def uniform_sentences_per_chunk(n_sentences: int, units_per_chunk: int = UNIFORM_UNITS_PER_CHUNK) -> list[int]:
+    """The reference's validation chunking (`apply_random_chunking=False`): ceil(n / 8) chunks with
+    boundaries at int(linspace(0, n, chunks + 1)), i.e. as even as whole units allow."""
+    n_chunks = max(1, math.ceil(n_sentences / units_per_chunk))
+    edges = np.linspace(0, n_sentences, n_chunks + 1).astype(int)
+    return [int(c) for c in np.diff(edges) if c > 0]
+
+
+def chunk_char_boundaries(text: str, poisson_mean: float = MEAN_EXTRA_SENTENCES, uniform: bool = False) -> list[int]:
+    """Character positions where each chunk after the first begins (`uniform`: the reference's
+    validation chunking instead of the Poisson draw)."""
     bounds = sentence_boundaries(text)
-    counts = sentences_per_chunk(text, len(bounds) + 1, poisson_mean)
+    if uniform:
+        counts = uniform_sentences_per_chunk(len(bounds) + 1)
+    else:
+        counts = sentences_per_chunk(text, len(bounds) + 1, poisson_mean)
     # Unit k ends at bounds[k]; a chunk of counts[j] units ends after its last unit.
     ends = np.cumsum(counts)[:-1] - 1
     return [bounds[k] for k in ends]
 
 
-def chunk_texts(text: str, poisson_mean: float = MEAN_EXTRA_SENTENCES) -> list[str]:
+def chunk_texts(text: str, poisson_mean: float = MEAN_EXTRA_SENTENCES, uniform: bool = False) -> list[str]:
     """The chunks as strings (they concatenate to `text`)."""
-    edges = [0, *chunk_char_boundaries(text, poisson_mean), len(text)]
+    edges = [0, *chunk_char_boundaries(text, poisson_mean, uniform), len(text)]
     return [text[a:b] for a, b in zip(edges, edges[1:])]
 
 
@@ -124,7 +150,8 @@ def token_cuts(token_ends: np.ndarray, char_bounds) -> np.ndarray:
     return np.searchsorted(ends, np.asarray(char_bounds, dtype=np.int64), side="right")
 
 
-def chunk_token_lengths(text: str, token_ends: np.ndarray, poisson_mean: float = MEAN_EXTRA_SENTENCES) -> np.ndarray:
+def chunk_token_lengths(text: str, token_ends: np.ndarray, poisson_mean: float = MEAN_EXTRA_SENTENCES,
+                        uniform: bool = False) -> np.ndarray:
     """Token counts of each chunk of `text`, given where (in characters) each of its tokens ends.
 
     The counts sum to len(token_ends); none is zero (empty chunks merge into the next one).
@@ -132,7 +159,7 @@ def chunk_token_lengths(text: str, token_ends: np.ndarray, poisson_mean: float =
     n_tokens = len(token_ends)
     if n_tokens == 0:
         return np.zeros(0, dtype=np.int64)
-    cuts = token_cuts(token_ends, chunk_char_boundaries(text, poisson_mean))
+    cuts = token_cuts(token_ends, chunk_char_boundaries(text, poisson_mean, uniform))
     edges = np.unique(np.concatenate([[0], cuts, [n_tokens]]))
     return np.diff(edges)
 
