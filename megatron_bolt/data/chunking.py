@@ -59,7 +59,12 @@ def _punkt():
     # Punkt's regexes.
     from nltk.tokenize.punkt import PunktSentenceTokenizer
 
-    return PunktSentenceTokenizer()
+    punkt = PunktSentenceTokenizer()
+    # Punkt decides each candidate break from a short context string (the word before, the
+    # punctuation, the token after) with fixed parameters, so the decision can be memoised
+    # exactly; contexts such as "it. The" recur throughout a corpus.
+    punkt.text_contains_sentbreak = lru_cache(maxsize=1 << 16)(punkt.text_contains_sentbreak)
+    return punkt
 
 
 def load_sentence_splitter() -> None:
