@@ -19,7 +19,15 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from megatron_bolt.cli import main as bolt_main
 from megatron_bolt.evaluation.evaluate import build_prompt, evaluate
 from megatron_bolt.evaluation.exemplars import GSM8K
-from megatron_bolt.evaluation.tasks import Item, fixed_exemplars, grade, last_boxed, load_items, toy_items
+from megatron_bolt.evaluation.tasks import (
+    LAYOUTS,
+    Item,
+    fixed_exemplars,
+    grade,
+    last_boxed,
+    load_items,
+    toy_items,
+)
 from megatron_bolt.inference.local import LocalEngine
 from megatron_bolt.tokenizer import load_tokenizer, train_bpe_tokenizer
 from megatron_bolt.toy.world import (
@@ -170,9 +178,7 @@ def test_fixed_exemplar_prompts_in_the_reference_layout(random_dir):
         exemplars = fixed_exemplars(task)
         assert len(exemplars) == (8 if task == "gsm8k" else 4)
         for e in exemplars:
-            from megatron_bolt.evaluation.tasks import FORMATS
-
-            f = FORMATS[task]
+            f = LAYOUTS[task]
             generation = f"{f.latent(task, e)}<|END_OF_LATENT|>{f.tail(task, e)}"
             assert grade(task, generation, e.answer)[1], (task, e.question)
     math = tok.decode(build_prompt(Item(0, 1, "What is $1+1$?", "", "", "2"), fixed_exemplars("math")[:1],

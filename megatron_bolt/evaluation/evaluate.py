@@ -1,6 +1,6 @@
 """Few-shot evaluation of an HF export, in latent space (method.md) or on raw text.
 
-`evaluate` builds one prompt per item (the task's `TaskFormat` says what goes where,
+`evaluate` builds one prompt per item (the task's `TaskLayout` says what goes where,
 `megatron_bolt.data.formats` lays the pieces out and encodes them as merge writes training
 sequences), decodes them greedily in batches with the KV-cached `LocalEngine`, cuts each
 continuation at the task's first stop string (`Question:` / `Problem:`; SoL and EOS end a row as
@@ -23,16 +23,16 @@ from pathlib import Path
 
 from megatron_bolt.data.formats import encode_eval_prompt, latent_eval_pieces, raw_eval_pieces
 from megatron_bolt.errors import UserError
-from megatron_bolt.evaluation.tasks import FORMATS, TASKS, Item, fixed_exemplars, grade, load_items, toy_items
+from megatron_bolt.evaluation.tasks import LAYOUTS, TASKS, Item, fixed_exemplars, grade, load_items, toy_items
 
-FORMATS_ALLOWED = ("latent", "raw")
+FORMATS = ("latent", "raw")
 DEFAULT_TOY_ITEMS = 200
 DEFAULT_MAX_NEW_TOKENS = 1024
 
 
 def build_prompt(item: Item, exemplars: list[Item], fmt: str, tokenizer, task: str = "toy") -> list[int]:
     """Token ids of one item's few-shot prompt, BOS first (training documents start with BOS)."""
-    layout = FORMATS[task]
+    layout = LAYOUTS[task]
     head = layout.head(task, item)
     if fmt == "latent":
         if tokenizer.latent is None:
@@ -43,7 +43,7 @@ def build_prompt(item: Item, exemplars: list[Item], fmt: str, tokenizer, task: s
         shots = [(layout.head(task, e), layout.raw_join + e.solution, layout.tail(task, e)) for e in exemplars]
         pieces = raw_eval_pieces(head, shots, layout.separator)
     else:
-        raise UserError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS_ALLOWED)})")
+        raise UserError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
     # In a training document the text after a question's latent is its answer (the tail); tokenize
     # the prompt's end as if that text followed, as it does in every exemplar.
     follow = layout.tail(task, item) if fmt == "latent" else layout.raw_join + layout.tail(task, item)
@@ -112,8 +112,8 @@ def _write_atomic(path: Path, text: str) -> None:
 def _check_args(task, fmt, shots, limit, max_new_tokens, batch_size, model_dir) -> None:
     if task not in TASKS:
         raise UserError(f"unknown task {task!r} (choose from {', '.join(TASKS)})")
-    if fmt not in FORMATS_ALLOWED:
-        raise UserError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS_ALLOWED)})")
+    if fmt not in FORMATS:
+        raise UserError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
     for name, value, low in (("shots", shots, 0), ("max-new-tokens", max_new_tokens, 1), ("batch-size", batch_size, 1)):
         if value < low:
             raise UserError(f"--{name} must be at least {low}, got {value}")
@@ -139,8 +139,8 @@ def evaluate(
     """Few-shot greedy evaluation of the HF export `model_dir` on `task` (toy, gsm8k, math, mmlu_stem).
 
     data: a JSONL file in the task's public format; None for toy generates `limit` (default 200)
-    held-out problems with `seed`. shots: None = the task's default (8 for gsm8k, else 4). Returns {"task", "format", "accuracy", "correct", "n", "shots",
-    "model", ...} and, with out_dir, writes out_dir/predictions.jsonl and out_dir/accuracy.json.
+    held-out problems with `seed`. shots: None = the task's default (8 for gsm8k, else 4).
+    Returns {"task", "format", "accuracy", "correct", "n", "shots", "model", ...} and, with out_dir, writes out_dir/predictions.jsonl and out_dir/accuracy.json.
     """
     from tqdm import tqdm
     from transformers import AutoConfig
@@ -148,13 +148,13 @@ def evaluate(
     from megatron_bolt.inference.local import LocalEngine
     from megatron_bolt.tokenizer import load_tokenizer
 
-    if task in FORMATS and shots is None:
-        shots = FORMATS[task].shots
+    if task in LAYOUTS and shots is None:
+        shots = LAYOUTS[task].shots
     _check_args(task, fmt, shots, limit, max_new_tokens, batch_size, model_dir)
     shot_items, items, info = _select_items(task, data, shots, limit, exemplars, seed)
     tokenizer = load_tokenizer(model_dir)
     prompts = [build_prompt(it, shot_items, fmt, tokenizer, task) for it in items]
-    stops = FORMATS[task].stops
+    stops = LAYOUTS[task].stops
 
     # Checked on the config before the weights load, so that these errors come fast and alone.
     config = AutoConfig.from_pretrained(model_dir)

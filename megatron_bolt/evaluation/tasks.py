@@ -1,7 +1,7 @@
 """Evaluation tasks: reading items (toy, GSM8K, MATH, MMLU-STEM), their prompt layout, and grading.
 
 Every task turns a JSONL row into an `Item` with the same fields, and describes its prompts with a
-`TaskFormat` (what goes before the latent, after it, between exemplars, where generation stops),
+`TaskLayout` (what goes before the latent, after it, between exemplars, where generation stops),
 so prompt building and scoring do not care which task they run. The layouts and graders follow the
 BoLT reference's latent evaluation (ryoungj/BoLT configs/eval/task_configs, the `latent_*` tasks);
 `megatron_bolt.evaluation.exemplars` holds the project's own fixed exemplars for them.
@@ -67,7 +67,7 @@ class Item:
 
 
 @dataclass(frozen=True)
-class TaskFormat:
+class TaskLayout:
     """How a task's prompts look: `head` + SoL PRIOR + latent + EoL + `tail` per exemplar, joined
     by `separator`; generation stops at any of `stops` (SoL and EOS always stop it)."""
 
@@ -104,11 +104,11 @@ class TaskFormat:
 
 
 _QA_SEPARATOR = "\n\n\n\n##Problem\n"  # the reference's GSM8K and MMLU exemplar separator
-FORMATS = {
-    "toy": TaskFormat("\n\n", ("Problem:",), 4, ""),
-    "gsm8k": TaskFormat(_QA_SEPARATOR, ("Question:", "Q:"), 8, " "),
-    "math": TaskFormat("\n\n", ("Problem:",), 4, ""),
-    "mmlu_stem": TaskFormat(_QA_SEPARATOR, ("Question:",), 4, " "),
+LAYOUTS = {
+    "toy": TaskLayout("\n\n", ("Problem:",), 4, ""),
+    "gsm8k": TaskLayout(_QA_SEPARATOR, ("Question:", "Q:"), 8, " "),
+    "math": TaskLayout("\n\n", ("Problem:",), 4, ""),
+    "mmlu_stem": TaskLayout(_QA_SEPARATOR, ("Question:",), 4, " "),
 }
 
 
