@@ -208,16 +208,18 @@ class OpenAITeacherConfig:
     """An OpenAI-compatible chat-completions teacher (`bolt warmstart --teacher openai`)."""
 
     base_url: str | None = None  # None: $OPENAI_BASE_URL, else https://api.openai.com/v1
-    model: str | None = None  # None: $OPENAI_MODEL
+    # None: $OPENAI_MODEL, else the reference's pinned teacher (latents.teachers.DEFAULT_MODEL)
+    model: str | None = None
     api_key_env: str = "OPENAI_API_KEY"  # the variable holding the key (never the key itself)
-    temperature: float = 0.7
-    max_tokens: int | None = 1024  # None or 0: leave max_tokens out of the request
+    temperature: float = 0.7  # the reference's
+    max_tokens: int | None = 6000  # the reference's; None or 0: leave max_tokens out of the request
     concurrency: int = 8
     requests_per_minute: float | None = None
     max_retries: int = 6
     retry_backoff: float = 1.0  # seconds before the first retry, doubled each time up to 60
     timeout: float = 120.0  # seconds per request
     prompt_file: str | None = None  # template with {prefix} and {suffix}; None: the built-in prompt
+    system_prompt: str | None = None  # None: the built-in system message; "": send none
 
     def problems(self) -> Iterator[tuple[str, str]]:
         if self.concurrency < 1:
@@ -310,11 +312,11 @@ class MergeConfig:
 
 @dataclass
 class EvalConfig:
-    task: Literal["toy", "gsm8k", "math"] = "toy"
+    task: Literal["toy", "gsm8k", "math", "mmlu_stem"] = "toy"
     data: str | None = None  # None with task toy: held-out problems from the toy world
-    limit: int | None = 200
-    shots: int = 4
-    max_new_tokens: int = 256
+    limit: int | None = None  # None: the whole test set (toy: 200 generated problems)
+    shots: int | None = None  # None: the task's default (gsm8k 8, others 4), as `bolt eval`
+    max_new_tokens: int = 1024  # as `bolt eval` (clamped to the model's context)
 
     def problems(self) -> Iterator[tuple[str, str]]:
         if self.task != "toy" and not self.data:

@@ -212,6 +212,46 @@ def test_iwae(setup, tmp_path):
     assert rc == 0 and out.exists()
 
 
+def test_iwae_document_protocol_is_the_references(tmp_path, monkeypatch):
+    """Whole-document prefixes; per-chunk bounds summed per document, divided by the document's
+    tokens, averaged over documents (ryoungj/BoLT apps/main/eval.py `compute_elbo`)."""
+    from megatron_bolt.latents import estep
+
+    info = {"tokenizer": "t", "vocab_size": 50, "special_tokens": {"bos": 1, "eos": 2, "sol": 3, "eol": 4,
+                                                                     "prior": 5, "posterior": 6}}
+    docs = [[np.array([7, 8, 9], np.int32), np.array([10], np.int32)],  # 4 tokens
+            [np.array([11, 12], np.int32)],  # 2 tokens
+            [np.array([13], np.int32), np.array([14, 15], np.int32), np.array([16], np.int32)]]  # 4 tokens
+    path = str(tmp_path / "c.zarr")
+    write_chunk_store(path, docs, info)
+    # log w of chunk i, sample k: -(i + 1) - k; the E-step itself is tested above
+    seen = []
+
+    def fake(engine, chunks, idx, settings, block, samples):
+        seen.append((list(idx), settings.prefix_chunks))
+        w = np.array([[-(i + 1.0) - k for k in range(samples)] for i in idx])
+        return estep.BlockResult(list(idx), [], w, w, w, np.zeros(len(idx), np.int32), np.ones_like(w, bool))
+
+    monkeypatch.setattr(estep, "sample_and_weight", fake)
+    store = ChunkStore.open(path)
+    res = run_iwae(None, store, [1, 2], EStepConfig(2, 1, 8, 0), progress=False, batch_chunks=4)
+    assert all(p >= 3 for _, p in seen)  # every chunk sees its whole document
+    lme2 = [math.log((math.exp(-(i + 1.0)) + math.exp(-(i + 2.0))) / 2) for i in range(6)]
+    sums1 = [-1 - 2, -3, -4 - 5 - 6]
+    sums2 = [lme2[0] + lme2[1], lme2[2], lme2[3] + lme2[4] + lme2[5]]
+    tokens = [4, 2, 4]
+    assert res["docs"] == 3 and res["chunks"] == 6 and res["x_tokens"] == 10
+    assert abs(res["iwae_per_token"]["1"] - np.mean([s / t for s, t in zip(sums1, tokens)])) < 1e-12
+    assert abs(res["iwae_per_token"]["2"] - np.mean([s / t for s, t in zip(sums2, tokens)])) < 1e-12
+    assert abs(res["iwae_per_document"]["1"] - np.mean(sums1)) < 1e-12
+    # only whole documents with --max-docs
+    assert run_iwae(None, store, [1], EStepConfig(1, 1, 8, 0), progress=False, max_docs=2)["chunks"] == 3
+    # the old protocol: the chunks' own prefix, the mean over chunks
+    seen.clear()
+    old = run_iwae(None, store, [1], EStepConfig(1, 1, 8, 0), progress=False, protocol="chunk")
+    assert {p for _, p in seen} == {1} and abs(old["iwae_per_chunk"]["1"] - np.mean([-1, -2, -3, -4, -5, -6])) < 1e-12
+
+
 def test_cli_rejects_bad_shard(setup, capsys):
     root, model_dir, chunks_path, _ = setup
     rc = bolt_main(["estep", "--model", model_dir, "--chunks", chunks_path, "--out", str(root / "x.zarr"),

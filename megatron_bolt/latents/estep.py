@@ -385,11 +385,19 @@ def iwae_bounds(log_w: np.ndarray, ns: Iterable[int]) -> dict[int, float]:
     for n in ns:
         if n < 1 or n > log_w.shape[1]:
             raise ValueError(f"n={n} needs 1 <= n <= {log_w.shape[1]}")
-        sub = log_w[:, :n]
-        m = sub.max(axis=1, keepdims=True)
-        lse = (m[:, 0] + np.log(np.exp(sub - m).sum(axis=1))) - math.log(n)
-        out[n] = float(lse.mean())
+        out[n] = float(_logmeanexp(log_w, n).mean())
     return out
+
+
+IWAE_PROTOCOLS = ("document", "chunk")
+WHOLE_DOCUMENT = 1 << 30  # prefix_chunks that reaches back to a document's first chunk
+
+
+def _logmeanexp(log_w: np.ndarray, n: int) -> np.ndarray:
+    """Per row: logsumexp of the first n log weights, minus log n."""
+    sub = log_w[:, :n]
+    m = sub.max(axis=1, keepdims=True)
+    return (m[:, 0] + np.log(np.exp(sub - m).sum(axis=1))) - math.log(n)
 
 
 def run_iwae(
@@ -400,14 +408,33 @@ def run_iwae(
     max_chunks: int | None = None,
     batch_chunks: int = 64,
     progress: bool = True,
+    protocol: str = "document",
+    max_docs: int | None = None,
 ) -> dict:
-    """IWAE bounds for n in ns on (the first max_chunks) chunks, per chunk and per X token."""
-    total = chunks.num_chunks if max_chunks is None else min(max_chunks, chunks.num_chunks)
+    """IWAE bounds for n in ns.
+
+    protocol "document" (the BoLT reference's validation, `compute_elbo` in apps/main/eval.py):
+    every chunk's prefix is the whole document before it, the per-chunk bounds are summed per
+    document, each document's sum is divided by its tokens, and those per-token values are
+    averaged over documents (the first `max_docs` documents). Build the chunk store with
+    `bolt preprocess --chunking uniform` for the reference's uniform validation chunks.
+
+    protocol "chunk": the chunks' own prefixes (`settings.prefix_chunks`), the mean over (the first
+    `max_chunks`) chunks, and per token as that mean times chunks over X tokens.
+    """
+    if protocol not in IWAE_PROTOCOLS:
+        raise UserError(f"--protocol {protocol!r}: choose from {', '.join(IWAE_PROTOCOLS)}")
+    if protocol == "document":
+        docs = chunks.num_docs if max_docs is None else min(max_docs, chunks.num_docs)
+        total = int(chunks.doc_chunk_offsets[docs]) if docs else 0
+        settings = EStepConfig(settings.samples, WHOLE_DOCUMENT, settings.max_latent_tokens, settings.seed)
+    else:
+        total = chunks.num_chunks if max_chunks is None else min(max_chunks, chunks.num_chunks)
     if total == 0:
         raise UserError(f"{chunks.path}: no chunks")
     kmax = max(ns)
     all_w = []
-    x_tokens = 0
+    x_lengths = np.zeros(total, dtype=np.int64)
     cut = Truncation()
     context = None
     bar = None
@@ -419,8 +446,7 @@ def run_iwae(
         idx = list(range(start, min(start + batch_chunks, total)))
         res = sample_and_weight(engine, chunks, idx, settings, block=start // batch_chunks, samples=kmax)
         all_w.append(res.log_w)
-        # X tokens actually scored: the per-token bound must not count tokens truncation cut off
-        x_tokens += sum(len(chunks.chunk_tokens(i)) for i in idx) - res.truncated.x_tokens_cut
+        x_lengths[idx] = [len(chunks.chunk_tokens(i)) for i in idx]
         cut.add(res.truncated)
         context = res.context
         if bar is not None:
@@ -428,14 +454,27 @@ def run_iwae(
     if bar is not None:
         bar.close()
     log_w = np.concatenate(all_w)
-    bounds = iwae_bounds(log_w, ns)
-    return {
-        "chunks": total,
-        "x_tokens": x_tokens,
-        "samples": kmax,
-        "iwae_per_chunk": {str(n): v for n, v in bounds.items()},
-        "iwae_per_token": {str(n): v * total / max(x_tokens, 1) for n, v in bounds.items()},
-        "context": context,
-        "truncated": asdict(cut),
-        "settings": asdict(settings),
-    }
+    # X tokens actually scored: the per-token bound must not count tokens truncation cut off (the
+    # document protocol's per-document counts keep them: cuts at a chunk's end are rare and counted)
+    x_tokens = int(x_lengths.sum()) - cut.x_tokens_cut
+    result = {"protocol": protocol, "chunks": total, "x_tokens": x_tokens, "samples": kmax,
+              "settings": asdict(settings),
+              "context": context, "truncated": asdict(cut)}
+    if protocol == "chunk":
+        bounds = iwae_bounds(log_w, ns)
+        result["iwae_per_chunk"] = {str(n): v for n, v in bounds.items()}
+        result["iwae_per_token"] = {str(n): v * total / max(x_tokens, 1) for n, v in bounds.items()}
+        return result
+    doc_of = np.asarray(chunks.chunk_doc[:total], dtype=np.int64)
+    doc_tokens = np.bincount(doc_of, weights=x_lengths, minlength=docs)
+    per_doc, per_token, per_chunk = {}, {}, {}
+    for n in ns:
+        if n < 1 or n > kmax:
+            raise ValueError(f"n={n} needs 1 <= n <= {kmax}")
+        lme = _logmeanexp(log_w, n)
+        doc_sum = np.bincount(doc_of, weights=lme, minlength=docs)
+        per_doc[str(n)] = float(doc_sum.mean())
+        per_token[str(n)] = float((doc_sum / np.maximum(doc_tokens, 1)).mean())
+        per_chunk[str(n)] = float(lme.mean())
+    result.update(docs=docs, iwae_per_document=per_doc, iwae_per_token=per_token, iwae_per_chunk=per_chunk)
+    return result
