@@ -141,6 +141,8 @@ class WarmstartConfig:
     teacher: str = "toy"  # "toy" or "openai"
     prefix_chunks: int = 1
     train_steps: int | None = None  # steps of the warm-start training; None = train_config's train.steps
+    # overrides of the warm-start training only, after EMConfig.train_overrides (the paper: train.global_batch=96)
+    train_overrides: list[str] = field(default_factory=list)
     args: list[str] = field(default_factory=list)  # extra `bolt warmstart` flags, e.g. ["--model", "gpt-4o-mini"]
 
 
@@ -154,7 +156,10 @@ class EStepConfig:
 
 @dataclass
 class MergeConfig:
-    epochs: int = 1
+    # None: as many epochs as the stage's training reads (steps x global batch x seq_len, see
+    # data.merge.planned_train_tokens), so every read of a document has fresh forms, as the
+    # reference's loader draws them; an integer fixes the count
+    epochs: int | None = None
     posterior_prob: float = 0.5
     raw_mix: float = 0.0
     empty_latents: str = "keep"  # "raw": chunks with an empty chosen latent are written without SoL/EoL
@@ -179,7 +184,13 @@ class EMConfig:
     train_overrides: list[str] = field(default_factory=list)
     iterations: int = 3
     restart: str = "base"  # "base": every iteration trains from train_config's start; "continue": from the last model
-    raw_baseline: bool = True  # also train on the raw corpus (no latents) with the same budget
+    # "new": each iteration trains on its own E-step latents only (the paper); "warm+new": the
+    # warm-start latents blended in as well
+    iteration_data: str = "new"
+    # raw-data baselines, trained from train_config's start on the documents the iterations see:
+    # "tokens" reads as many raw tokens as the matched latent run's data holds, "flops" gets its
+    # training FLOPs (the reference's Train-FLOP-Match; E-step compute is not counted, as there)
+    raw_baselines: list[str] = field(default_factory=lambda: ["tokens", "flops"])
     ablation_samples: list[int] = field(default_factory=list)  # rerun the last iteration with these K (e.g. [1])
     iwae_samples: list[int] = field(default_factory=lambda: [1, 2, 4])
     nproc_per_node: int = 1
@@ -199,6 +210,14 @@ def load_em_config(path: str | Path | None, overrides: list[str] | None = None) 
         raise UserError("corpus.source 'files' needs corpus.warm and corpus.rest (lists of JSONL/Parquet files)")
     if cfg.restart not in ("base", "continue"):
         raise UserError(f"config key 'restart': expected 'base' or 'continue', got {cfg.restart!r}")
+    if cfg.iteration_data not in ("new", "warm+new"):
+        raise UserError(f"config key 'iteration_data': expected 'new' or 'warm+new', got {cfg.iteration_data!r}")
+    bad = [b for b in cfg.raw_baselines if b not in ("tokens", "flops")]
+    if bad or len(set(cfg.raw_baselines)) != len(cfg.raw_baselines):
+        raise UserError(f"config key 'raw_baselines': expected a list of distinct 'tokens' and 'flops', got "
+                        f"{cfg.raw_baselines!r}")
+    if cfg.merge.epochs is not None and cfg.merge.epochs < 1:
+        raise UserError(f"config key 'merge.epochs': expected >= 1 or null, got {cfg.merge.epochs}")
     if cfg.iterations < 0 or cfg.estep.samples < 1 or any(k < 1 for k in cfg.ablation_samples):
         raise UserError("iterations must be >= 0, estep.samples and ablation_samples >= 1")
     if cfg.warmstart.train_steps is not None and cfg.warmstart.train_steps < 1:
