@@ -144,3 +144,79 @@ def test_bad_em_config_is_one_line(tmp_path):
     for key, value in (("warmstart.train_steps", 0), ("corpus.chunk_poisson_mean", -1)):
         proc = bolt("em", *micro_config(tmp_path, **{key: value}), check=False)
         assert proc.returncode == 2 and key in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------ the plan (in-process)
+def _plan_configs(**em: object):
+    from megatron_bolt.config import load_config, load_em_config
+
+    cfg = load_em_config(REPO / "examples" / "toy" / "em.yaml", [f"{k}={v}" for k, v in em.items()])
+    base = load_config(REPO / "examples" / "toy" / "train.yaml", ["train.steps=40"])
+    warm = load_config(REPO / "examples" / "toy" / "train.yaml", ["train.steps=100", "train.global_batch=32"])
+    return cfg, base, warm
+
+
+def test_plan_paper_protocol_trains_each_iteration_from_base_on_its_own_latents():
+    from megatron_bolt.em.plan import latent_trainings, matched_run, raw_trainings
+
+    cfg, base, warm = _plan_configs(restart="base", iteration_data="new", iterations=3, ablation_samples="[1]",
+                                    raw_baselines="[tokens, flops]")
+    plan = latent_trainings(cfg, base, warm)
+    assert [(t.stage, t.data, t.start, t.steps) for t in plan] == [
+        ("warmstart", ("warmstart/merged",), None, 100),
+        ("iter1", ("iter1/merged",), None, 40),
+        ("iter2", ("iter2/merged",), None, 40),
+        ("iter3", ("iter3/merged",), None, 40),
+        ("iter3_k1", ("iter3_k1/merged",), None, 40),
+    ]
+    matched = matched_run(cfg, plan)
+    assert [t.stage for t in matched] == ["iter3"]  # one iteration's budget, not the ablation's
+    models = {t.stage: base.model for t in plan}
+    raw = raw_trainings(cfg, matched, models, base, {"iter3": 0.25})
+    assert [(t.stage, t.data, t.start, t.steps) for t in raw] == [
+        ("raw_tokens", ("raw/rest",), None, 10),  # a quarter of the latent run's tokens are raw text
+        ("raw_flops", ("raw/rest",), None, 40),  # same model and batch: the same steps
+    ]
+    # before the latent data is merged only the FLOPs-matched budget is known
+    assert [t.stage for t in raw_trainings(cfg, matched, models, base, None)] == ["raw_flops"]
+
+
+def test_plan_warm_plus_new_and_continue():
+    from megatron_bolt.em.plan import latent_trainings, matched_run, raw_trainings
+
+    cfg, base, warm = _plan_configs(restart="continue", iteration_data="warm+new", iterations=2,
+                                    ablation_samples="[]", raw_baselines="[flops, tokens]")
+    plan = latent_trainings(cfg, base, warm)
+    assert [(t.stage, t.data, t.start) for t in plan] == [
+        ("warmstart", ("warmstart/merged",), None),
+        ("iter1", ("iter1/warm", "iter1/merged"), "warmstart"),
+        ("iter2", ("iter2/warm", "iter2/merged"), "iter1"),
+    ]
+    matched = matched_run(cfg, plan)  # the last model has trained the whole chain
+    assert [t.stage for t in matched] == ["warmstart", "iter1", "iter2"]
+    models = {t.stage: base.model for t in plan}
+    raw = raw_trainings(cfg, matched, models, base, {"warmstart": 0.5, "iter1": 0.5, "iter2": 0.5})
+    per_step = base.train.global_batch * base.model.seq_len
+    total = 100 * 32 * base.model.seq_len + 2 * 40 * per_step
+    assert [(t.stage, t.data, t.steps) for t in raw] == [
+        ("raw_flops", ("raw/warm", "raw/rest"), total // per_step),
+        ("raw_tokens", ("raw/warm", "raw/rest"), total // per_step // 2),
+    ]
+
+
+def test_train_flops_counts_the_model_weights():
+    """6 FLOPs per weight and token (plus attention) for the model Megatron builds, weights counted
+    on an equivalent transformers Llama."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megatron_bolt.config import ModelConfig
+    from megatron_bolt.em.plan import train_flops
+
+    m = ModelConfig(num_layers=3, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=160,
+                    vocab_size=300, seq_len=32)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2))
+    weights = sum(mod.weight.numel() for mod in hf.modules() if isinstance(mod, torch.nn.Linear))
+    attention = 2 * m.num_layers * m.seq_len * m.hidden_size
+    assert train_flops(m, 10) == 3 * (2 * weights + attention) * 10
