@@ -135,3 +135,13 @@ def raw_trainings(cfg: EMConfig, matched: list[Training], models: dict[str, Mode
             steps = token_matched_steps(matched, raw_shares, raw)
         out.append(Training(f"raw_{kind}", raw_data(matched), None, steps, raw.train.global_batch, raw.model.seq_len))
     return out
+
+
+def format_plan(trainings: list[Training], flops: dict[str, float]) -> str:
+    """The plan as a table: stage, start, steps x batch x seq = tokens, training FLOPs, data."""
+    head = f"{'stage':<12} {'from':<10} {'steps':>8} {'batch':>6} {'seq':>6} {'tokens':>14} {'FLOPs':>10}  data"
+    lines = [head, "-" * len(head)]
+    for t in trainings:
+        lines.append(f"{t.stage:<12} {t.start or 'base':<10} {t.steps:>8} {t.global_batch:>6} {t.seq_len:>6} "
+                     f"{t.tokens:>14,} {flops[t.stage]:>10.3g}  {' + '.join(t.data)}")
+    return "\n".join(lines)
