@@ -4,6 +4,7 @@ at several steps giving exactly the result of an uninterrupted run."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -45,25 +46,55 @@ def chosen_latents(store: Path) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("em_full")
-    proc = bolt("em", *micro_config(tmp, raw_baseline="false", ablation_samples="[]"), timeout=900)
+    proc = bolt("em", *micro_config(tmp, raw_baselines="[]", ablation_samples="[]"), timeout=900)
     assert "warmstart" in proc.stdout and "iter1 (K=2)" in proc.stdout  # the final table
     return tmp / "run"
 
 
-def test_full_loop_with_baseline_and_ablation(tmp_path):
+def test_full_loop_with_baselines_and_ablation(tmp_path):
+    """The paper's protocol end to end: every training's inputs, start and length, and the merges'
+    epochs, as each stage's resolved train config and merge summary record them."""
+    import yaml
+
+    from megatron_bolt.data.merge import planned_train_tokens, read_summary
+
     bolt("em", *micro_config(tmp_path, ablation_samples="[1]", **{"warmstart.train_steps": 6}), timeout=900)
     run = tmp_path / "run"
-    # warm start 6 steps, each iteration train.steps (4), the raw baseline the sum (restart: continue)
-    for stage, steps in (("warmstart", 6), ("iter1", 4), ("iter1_k1", 4), ("raw", 10)):
-        assert f", {steps} steps of " in (run / stage / "logs" / "train.log").read_text(), stage
     summary = json.loads((run / "summary.json").read_text())
-    assert [r["method"] for r in summary["rows"]] == ["raw", "warmstart", "iter1 (K=2)", "iter1 (K=1)"]
+    assert [r["method"] for r in summary["rows"]] == [
+        "raw (tokens)", "raw (FLOPs)", "warmstart", "iter1 (K=2)", "iter1 (K=1)"]
+
+    def trained(stage: str) -> dict:
+        return yaml.safe_load((run / stage / "train" / "config.yaml").read_text())
+
+    # every stage from train_config's start (no checkpoint.load), each on its own merged data only
+    data = {"warmstart": ["warmstart/data/merged"], "iter1": ["iter1/data/merged"],
+            "iter1_k1": ["iter1_k1/data/merged"], "raw_tokens": ["raw/data/rest"], "raw_flops": ["raw/data/rest"]}
+    for stage, prefixes in data.items():
+        cfg = trained(stage)
+        assert cfg["data"]["prefixes"][1::2] == [f"{run / p}_text_document" for p in prefixes], stage
+        assert cfg["checkpoint"]["load"] is None, stage
+        # each merged dataset holds what its training reads: the fewest epochs of fresh forms
+        for p in prefixes:
+            s = read_summary(run / p)
+            need = planned_train_tokens(cfg["train"]["steps"], cfg["train"]["global_batch"], cfg["model"]["seq_len"])
+            per_epoch = s.tokens / s.epochs
+            assert s.tokens >= need and (s.epochs == 1 or s.tokens - per_epoch * 1.2 < need), (stage, p)
+    steps = {stage: trained(stage)["train"]["steps"] for stage in data}
+    # warm start 6 steps, iterations train.steps (4); FLOPs-matched: one iteration's budget (same
+    # model and batch); token-matched: the raw-text tokens (chunks, BOS, EOS) inside iter1's data
+    it = read_summary(run / "iter1" / "data" / "merged")
+    share = (it.tokens - it.latent_tokens - it.special_tokens) / it.tokens
+    assert 0 < share < 1
+    assert steps == {"warmstart": 6, "iter1": 4, "iter1_k1": 4, "raw_tokens": math.ceil(4 * share), "raw_flops": 4}
+    plan = json.loads((run / "plan.json").read_text())["trainings"]
+    assert [(t["stage"], t["steps"]) for t in plan] == list(steps.items())
     for row in summary["rows"]:
         preds = [json.loads(x) for x in (run / row["stage"] / "eval" / "predictions.jsonl").read_text().splitlines()]
         assert row["n"] == len(preds) and row["correct"] == sum(p["correct"] for p in preds)
         assert row["final_train_loss"] is not None
-    assert summary["rows"][0]["iwae_per_chunk"] is None  # no latents in the raw baseline
-    assert set(summary["rows"][1]["iwae_per_chunk"]) == {"1", "2"}
+    assert summary["rows"][0]["iwae_per_chunk"] is None  # no latents in the raw baselines
+    assert set(summary["rows"][2]["iwae_per_chunk"]) == {"1", "2"}
     for png in ("accuracy.png", "iwae.png"):
         assert (run / png).read_bytes()[:4] == b"\x89PNG"
     # the ablation sampled one latent per chunk, the main iteration two, from the same model
@@ -71,7 +102,7 @@ def test_full_loop_with_baseline_and_ablation(tmp_path):
 
     assert LatentStore.open(run / "iter1_k1" / "latents.zarr", mode="r").samples == 1
     assert LatentStore.open(run / "iter1" / "latents.zarr", mode="r").samples == 2
-    # the raw baseline's data holds no latent special tokens at all
+    # the raw baselines' data holds no latent special tokens at all
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     from megatron_bolt.tokenizer import LATENT_TOKENS, load_tokenizer
@@ -85,7 +116,7 @@ def test_full_loop_with_baseline_and_ablation(tmp_path):
 def test_rerun_of_a_finished_loop_does_nothing(uninterrupted, tmp_path):
     before = {p: p.stat().st_mtime_ns for p in uninterrupted.rglob("*") if p.is_file() and "summary" not in p.name
               and p.suffix != ".png"}
-    cfg = micro_config(uninterrupted.parent, raw_baseline="false", ablation_samples="[]")
+    cfg = micro_config(uninterrupted.parent, raw_baselines="[]", ablation_samples="[]")
     proc = bolt("em", *cfg)
     assert "[em]" not in proc.stdout  # no step ran
     after = {p: p.stat().st_mtime_ns for p in before}
@@ -94,7 +125,7 @@ def test_rerun_of_a_finished_loop_does_nothing(uninterrupted, tmp_path):
 
 def test_resume_after_kills_equals_uninterrupted(uninterrupted, tmp_path):
     """SIGKILL the whole process group while given steps run, re-run each time: same results."""
-    cfg = micro_config(tmp_path, raw_baseline="false", ablation_samples="[]")
+    cfg = micro_config(tmp_path, raw_baselines="[]", ablation_samples="[]")
     run = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -141,7 +172,8 @@ def test_bad_em_config_is_one_line(tmp_path):
     ]
     proc = bolt("em", *micro_config(tmp_path, restart="sometimes"), check=False)
     assert proc.returncode == 2 and "restart" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-    for key, value in (("warmstart.train_steps", 0), ("corpus.chunk_poisson_mean", -1)):
+    for key, value in (("warmstart.train_steps", 0), ("corpus.chunk_poisson_mean", -1), ("iteration_data", "old"),
+                       ("raw_baselines", "[tokens, tokens]"), ("raw_baselines", "[steps]"), ("merge.epochs", 0)):
         proc = bolt("em", *micro_config(tmp_path, **{key: value}), check=False)
         assert proc.returncode == 2 and key in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
 
