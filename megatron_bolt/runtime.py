@@ -12,7 +12,10 @@ import os
 import random
 import re
 import socket
+import subprocess
+import sys
 from dataclasses import dataclass
+from typing import IO
 
 import numpy as np
 import torch
@@ -66,6 +69,47 @@ def detect_env(environ: dict[str, str] | None = None) -> DistEnv:
             master_port=int(env.get("MASTER_PORT") or _slurm_port(env.get("SLURM_JOB_ID"))),
         )
     return DistEnv(0, 1, 0, "127.0.0.1", _free_port())
+
+
+def under_launcher(environ: dict[str, str] | None = None) -> bool:
+    """True in a rank started by torchrun (RANK/WORLD_SIZE) or by srun (SLURM_PROCID/SLURM_NTASKS in a step)."""
+    env = os.environ if environ is None else environ
+    return ("RANK" in env and "WORLD_SIZE" in env) or (
+        "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env
+    )
+
+
+def single_rank_env() -> dict[str, str]:
+    """The launcher variables of a job that is exactly one rank on this machine (what torchrun
+    would set for --nproc-per-node 1), so a stray SLURM allocation size is not mistaken for ranks."""
+    return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": os.environ.get("MASTER_PORT") or str(_free_port())}
+
+
+def launch_command(argv: list[str], nproc: int = 1) -> list[str]:
+    """The command line of `bolt <argv>` in a new process: plain for one rank, else under
+    `torchrun --standalone --nproc-per-node nproc` (one machine, a free rendezvous port)."""
+    bolt = ["-m", "megatron_bolt", *argv]
+    if nproc <= 1:
+        return [sys.executable, *bolt]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *bolt]
+
+
+def relaunch(argv: list[str], nproc: int = 1, log: IO[str] | None = None, env: dict[str, str] | None = None) -> int:
+    """Run `bolt <argv>` as `nproc` local ranks and wait; returns the exit code.
+
+    The one way a command gets processes of its own: `bolt train/score/generate --nproc-per-node N`
+    hand their own full argv here (under torchrun the flag is ignored, every other flag arrives as
+    typed), and the EM driver runs its training and conversion steps through it. With `log`, the
+    children's stdout and stderr go to that file."""
+    child_env = dict(os.environ if env is None else env)
+    if nproc <= 1:
+        child_env.update(single_rank_env())
+    else:  # torchrun sets these per rank; inherited values would override nothing but confuse
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            child_env.pop(key, None)
+    out = {"stdout": log, "stderr": subprocess.STDOUT} if log is not None else {}
+    return subprocess.call(launch_command(argv, nproc), env=child_env, **out)
 
 
 def _free_port() -> int:
