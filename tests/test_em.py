@@ -277,3 +277,20 @@ def test_plan_cli_prints_the_papers_budgets(capsys):
     assert rows["raw_flops"][2] == "33060" and rows["raw_flops"][-1] == "raw/rest"
     assert out[-1].startswith("raw_tokens: planned once")
     assert not (REPO / "runs" / "tinyllama_finemath").exists()
+
+
+def test_merged_datasets_come_from_the_right_stores(tmp_path):
+    """warm+new: an iteration's warm dataset is the warm documents with the teacher's latents; the
+    raw baselines' datasets have no latents; each lives under its stage's data/."""
+    from megatron_bolt.config import load_em_config
+    from megatron_bolt.em.driver import EMDriver
+
+    cfg = load_em_config(REPO / "examples" / "toy" / "em.yaml", [f"output_dir={tmp_path}", "iteration_data=warm+new"])
+    d = EMDriver(cfg)
+    assert d.dataset_sources("iter2/warm") == (str(tmp_path / "data" / "warm_chunks.zarr"),
+                                               str(tmp_path / "warmstart" / "latents.zarr"))
+    assert d.dataset_sources("iter2/merged") == (str(tmp_path / "data" / "rest_chunks.zarr"),
+                                                 str(tmp_path / "iter2" / "latents.zarr"))
+    assert d.dataset_sources("warmstart/merged")[1] == str(tmp_path / "warmstart" / "latents.zarr")
+    assert d.dataset_sources("raw/warm") == (str(tmp_path / "data" / "warm_chunks.zarr"), None)
+    assert d.prefix("iter2/warm") == tmp_path / "iter2" / "data" / "warm"
