@@ -237,6 +237,8 @@ class WarmstartConfig:
     teacher: Literal["toy", "openai"] = "toy"
     prefix_chunks: int = 1
     train_steps: int | None = None  # steps of the warm-start training; None = train_config's train.steps
+    # overrides of the warm-start training only, after EMConfig.train_overrides (the paper: train.global_batch=96)
+    train_overrides: list[str] = field(default_factory=list)
     openai: OpenAITeacherConfig = field(default_factory=OpenAITeacherConfig)
 
     def problems(self) -> Iterator[tuple[str, str]]:
@@ -296,14 +298,17 @@ class EngineConfig:
 
 @dataclass
 class MergeConfig:
-    epochs: int = 1
+    # None: as many epochs as the stage's training reads (steps x global batch x seq_len, see
+    # data.merge.planned_train_tokens), so every read of a document has fresh forms, as the
+    # reference's loader draws them; an integer fixes the count
+    epochs: int | None = None
     posterior_prob: float = 0.5
     raw_mix: float = 0.0
     empty_latents: Literal["keep", "raw"] = "keep"  # "raw": chunks with an empty chosen latent are written raw
 
     def problems(self) -> Iterator[tuple[str, str]]:
-        if self.epochs < 1:
-            yield "epochs", f"expected >= 1, got {self.epochs}"
+        if self.epochs is not None and self.epochs < 1:
+            yield "epochs", f"expected >= 1 or null, got {self.epochs}"
         if not 0 <= self.posterior_prob <= 1:
             yield "posterior_prob", f"expected 0..1, got {self.posterior_prob}"
         if self.raw_mix < 0:
@@ -333,7 +338,13 @@ class EMConfig:
     train_overrides: list[str] = field(default_factory=list)
     iterations: int = 3
     restart: Literal["base", "continue"] = "base"  # "base": every iteration trains from train_config's start; "continue": from the last model
-    raw_baseline: bool = True  # also train on the raw corpus (no latents) with the same budget
+    # "new": each iteration trains on its own E-step latents only (the paper); "warm+new": the
+    # warm-start latents blended in as well
+    iteration_data: Literal["new", "warm+new"] = "new"
+    # raw-data baselines, trained from train_config's start on the documents the matched run saw:
+    # "tokens" reads as many raw tokens as the matched latent run's data holds, "flops" gets its
+    # training FLOPs (the reference's Train-FLOP-Match; E-step compute is not counted, as there)
+    raw_baselines: list[Literal["tokens", "flops"]] = field(default_factory=lambda: ["tokens", "flops"])
     ablation_samples: list[int] = field(default_factory=list)  # rerun the last iteration with these K (e.g. [1])
     iwae_samples: list[int] = field(default_factory=lambda: [1, 2, 4])
     nproc_per_node: int = 1
@@ -354,6 +365,8 @@ class EMConfig:
             yield "iwae_samples", f"expected a non-empty list of values >= 1, got {self.iwae_samples}"
         if self.nproc_per_node < 1:
             yield "nproc_per_node", f"expected >= 1, got {self.nproc_per_node}"
+        if len(set(self.raw_baselines)) != len(self.raw_baselines):
+            yield "raw_baselines", f"expected distinct values, got {self.raw_baselines}"
         if self.estep.seed:
             yield "estep.seed", "bolt em derives each iteration's E-step seed from the run's `seed`; set that instead"
 
