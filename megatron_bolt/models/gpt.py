@@ -157,6 +157,10 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, bf16: bool 
         pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=parallel.vp,
         context_parallel_size=parallel.cp,
+        # Megatron-LM's default for the interleaved schedule (--no-overlap-p2p-communication off):
+        # unbatched, overlapped p2p; batched p2p needs pp > 2 (several sends between two ranks)
+        overlap_p2p_comm=parallel.vp is not None,
+        batch_p2p_comm=parallel.vp is None,
         sequence_parallel=parallel.sequence_parallel and parallel.tp > 1,
         bf16=bf16,
         params_dtype=dtype,
