@@ -287,6 +287,15 @@ runtime.shutdown()
 '''
 
 
+def test_tinyllama_example_is_the_shape_the_gpu_check_reports():
+    cfg = load_config(REPO / "examples" / "tinyllama" / "config.yaml")
+    m = cfg.model
+    assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.kv_heads, m.ffn, m.vocab_size, m.seq_len) == (
+        22, 2048, 32, 4, 5632, 32000, 2048)
+    assert cfg.train.bf16 and cfg.train.distributed_optimizer
+    assert cfg.train.steps == 30 and cfg.checkpoint.save_interval == 25  # bench/gpu_check.sh resumes from 25
+
+
 def test_recomputation_gives_the_same_loss_and_grads_and_reruns_the_forward(tmp_path):
     cases = {
         "none": {},
