@@ -329,7 +329,7 @@ def test_gpu_check_cpu_smoke(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
     env.update(OMP_NUM_THREADS="1", PYTHON=sys.executable)
     proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--cpu-smoke", "--workdir", str(tmp_path)],
-                          capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
+                          capture_output=True, text=True, cwd=REPO, timeout=1200, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [x for x in proc.stdout.splitlines() if x.startswith("gpu_check:")]
     assert any("throughput over steps 2-6" in x and "peak memory n/a (CPU)" in x for x in lines), lines
