@@ -90,3 +90,44 @@ def test_fp8_without_transformer_engine_is_one_line(synthetic_prefix, tmp_path):
                 f"output_dir={tmp_path}", check=False, timeout=300)
     assert proc.returncode == 2
     assert "needs Transformer Engine" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("text, value", [("1e-4", 1e-4), ("3E-4", 3e-4), ("1_000", 1000.0), (".5", 0.5), ("-2e+1", -20.0)])
+def test_numbers_as_typed_on_the_command_line_and_in_yaml(tmp_path, text, value):
+    cfg = load_config(TINY_CONFIG, [f"train.lr={text}", "train.steps=1_000", "train.warmup=1e2"])
+    assert cfg.train.lr == pytest.approx(value) and cfg.train.steps == 1000 and cfg.train.warmup == 100
+    path = tmp_path / "c.yaml"
+    path.write_text(f"train:\n  lr: {text}\n  steps: 2_000\n")
+    cfg = load_config(path)
+    assert cfg.train.lr == pytest.approx(value) and cfg.train.steps == 2000
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.lr=1e-4x"], "config key 'train.lr': expected a number"),
+        (["train.steps=1.5"], "config key 'train.steps': expected an integer"),
+        (["train.exit_signal=SIGFOO"], "train.exit_signal: expected a signal name"),
+        (["parallel.vp=2"], "parallel.vp (2) needs parallel.pp > 1"),
+        (["parallel.pp=2", "parallel.vp=2"], "parallel.pp * parallel.vp (2*2) must divide model.num_layers (2)"),
+        (["parallel.overlap_param_gather=true"], "needs train.distributed_optimizer=true"),
+    ],
+)
+def test_new_key_errors(overrides, message):
+    with pytest.raises(UserError) as err:
+        load_config(TINY_CONFIG, overrides)
+    assert message in str(err.value)
+
+
+def test_package_metadata_takes_a_torch_range_and_make_setup_pins_it():
+    import configparser
+
+    from conftest import REPO
+
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    requires = [r.strip() for r in cfg["options"]["install_requires"].splitlines()
+                if r.strip() and not r.strip().startswith("#")]
+    torch_req = [r for r in requires if r.startswith("torch")]
+    assert torch_req and "==" not in torch_req[0] and ">=" in torch_req[0], torch_req
+    assert "pip install -q torch==2.13.0" in (REPO / "Makefile").read_text()

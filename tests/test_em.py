@@ -28,7 +28,7 @@ def micro_config(tmp: Path, **extra: object) -> list[str]:
         "output_dir": str(tmp / "run"), "train_config": str(tmp / "train.yaml"), "iterations": 1,
         "corpus.toy_warm_docs": 6, "corpus.toy_rest_docs": 6, "corpus.toy_valid_docs": 2,
         "warmstart.train_steps": "null",
-        "estep.samples": 2, "estep.max_latent_tokens": 16, "estep.args": "[--threads, '1']",
+        "estep.samples": 2, "estep.max_latent_tokens": 16, "engine.threads": 1,
         "eval.limit": 6, "eval.shots": 2, "eval.max_new_tokens": 24, "iwae_samples": "[1, 2]",
         **extra,
     }
@@ -106,12 +106,16 @@ def test_resume_after_kills_equals_uninterrupted(uninterrupted, tmp_path):
     for point, delay in kill_points:
         stage, step = point.split("/")
         log = run / stage / "logs" / f"{step}.log"
-        proc = subprocess.Popen([sys.executable, "-m", "megatron_bolt", "em", *cfg], cwd=REPO, env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        out_path = tmp_path / f"{stage}-{step}.out"
+        with open(out_path, "w") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "megatron_bolt", "em", *cfg], cwd=REPO, env=env,
+                                    stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 600
         while not log.exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.02)
         time.sleep(delay)
+        assert proc.poll() is None, f"bolt em exited ({proc.returncode}) before the kill at {point}:\n" + \
+            out_path.read_text()[-3000:]
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         if step in ("train", "export"):  # these take many seconds: the kill must have hit them mid-run
@@ -137,7 +141,7 @@ def test_bad_em_config_is_one_line(tmp_path):
     proc = bolt("em", *micro_config(tmp_path, **{"estep.sampels": 3}), check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "bolt em: error: unknown config key 'estep.sampels' (valid: args, max_latent_tokens, prefix_chunks, samples)"
+        "bolt em: error: unknown config key 'estep.sampels' (valid: max_latent_tokens, prefix_chunks, samples, seed)"
     ]
     proc = bolt("em", *micro_config(tmp_path, restart="sometimes"), check=False)
     assert proc.returncode == 2 and "restart" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

@@ -18,8 +18,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from megatron_bolt.cli import main as bolt_main
 from megatron_bolt.inference.local import LocalEngine
+from megatron_bolt.config import EStepConfig
 from megatron_bolt.latents.estep import (
-    EStepSettings,
     iwae_bounds,
     open_or_create_store,
     resample,
@@ -79,7 +79,7 @@ def summed_logprob(model, tokens: list[int], start: int) -> float:
 
 def run_local(chunks_path, model_dir, out, samples=3, shard=(0, 1), block_size=3, seed=5):
     chunks = ChunkStore.open(chunks_path)
-    settings = EStepSettings(samples, PREFIX, MAX_LATENT, seed)
+    settings = EStepConfig(samples, PREFIX, MAX_LATENT, seed)
     store = open_or_create_store(out, chunks.num_chunks, settings, block_size, {"engine": "local"})
     run_estep(LocalEngine(model_dir), chunks, store, settings, shard, progress=False)
     return LatentStore.open(out, mode="r")
@@ -199,7 +199,7 @@ def test_iwae(setup, tmp_path):
     want4 = np.mean([math.log(np.exp(r).sum() / 4) for r in log_w])
     assert abs(got[1] - log_w[:, 0].mean()) < 1e-12 and abs(got[4] - want4) < 1e-12
     res = run_iwae(LocalEngine(model_dir), ChunkStore.open(chunks_path), [1, 2, 4],
-                   EStepSettings(4, PREFIX, MAX_LATENT, 0), progress=False)
+                   EStepConfig(4, PREFIX, MAX_LATENT, 0), progress=False)
     assert set(res["iwae_per_chunk"]) == {"1", "2", "4"}
     assert all(np.isfinite(v) and v < 0 for v in res["iwae_per_chunk"].values())
     out = tmp_path / "iwae.json"

@@ -22,8 +22,7 @@ _EPILOG = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    # The parser's prog ends with the subcommand ("bolt convert mcore-to-hf").
-    name = "convert mcore-to-hf" if parser.prog.endswith("mcore-to-hf") else "convert hf-to-mcore"
+    name = parser.get_default("_argv_name")  # set by the command table: "convert hf-to-mcore" or "convert mcore-to-hf"
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = _EPILOG.get(name)
     if name == "convert hf-to-mcore":

@@ -19,6 +19,7 @@ change it, and a re-run of a block rewrites identical values.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Iterable
@@ -26,24 +27,13 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from megatron_bolt.config import EngineConfig, EStepConfig, check_section
 from megatron_bolt.data.formats import posterior_sampling_prompt, prior_scoring_sequence
 from megatron_bolt.errors import UserError
 from megatron_bolt.inference.base import Engine, derive_seed
 from megatron_bolt.tokenizer import LatentTokenIds
 
 _RESAMPLE_TAG = 0x5E5A  # separates the resampling stream from the sampling seeds
-
-
-@dataclass
-class EStepSettings:
-    samples: int = 4
-    prefix_chunks: int = 3
-    max_latent_tokens: int = 1024
-    seed: int = 0
-    # settings that must not change between a run and its resumption
-    def fingerprint(self) -> dict:
-        return {"samples": self.samples, "prefix_chunks": self.prefix_chunks,
-                "max_latent_tokens": self.max_latent_tokens, "seed": self.seed}
 
 
 @dataclass
@@ -115,7 +105,7 @@ def sample_and_weight(
     engine: Engine,
     chunks,  # ChunkStore
     chunk_indices: list[int],
-    settings: EStepSettings,
+    settings: EStepConfig,
     block: int,
     samples: int | None = None,
 ) -> BlockResult:
@@ -162,6 +152,24 @@ def sample_and_weight(
     return BlockResult(list(chunk_indices), latents, log_q, log_p, log_w, chosen, finished, t1 - t0, t3 - t2)
 
 
+def open_engine(model_dir: str, cfg: EngineConfig) -> Engine:
+    """The engine that runs the E-step and the IWAE bound on the HF export `model_dir`."""
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise UserError(f"{model_dir}: no config.json (expected an HF export directory)")
+    check_section(cfg, "engine.")
+    if cfg.engine == "sglang":
+        from megatron_bolt.inference.sglang import SGLangEngine
+
+        return SGLangEngine(cfg.server, concurrency=cfg.concurrency)
+    import torch
+
+    from megatron_bolt.inference.local import LocalEngine
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return LocalEngine(model_dir, device=cfg.device, max_batch_rows=cfg.batch_rows)
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     try:
         i, n = (int(v) for v in text.split("/"))
@@ -178,7 +186,7 @@ def shard_blocks(num_blocks: int, shard: tuple[int, int]) -> list[int]:
     return [b for b in range(num_blocks) if b % n == i]
 
 
-def open_or_create_store(path: str, num_chunks: int, settings: EStepSettings, block_size: int, meta: dict):
+def open_or_create_store(path: str, num_chunks: int, settings: EStepConfig, block_size: int, meta: dict):
     """Create the store, or open the existing one after checking it was made with the same settings."""
     from megatron_bolt.stores.latent_store import LatentStore
 
@@ -206,7 +214,7 @@ def run_estep(
     engine: Engine,
     chunks,  # ChunkStore
     store,  # LatentStore
-    settings: EStepSettings,
+    settings: EStepConfig,
     shard: tuple[int, int] = (0, 1),
     block_meta: dict | None = None,
     progress: bool = True,
@@ -269,7 +277,7 @@ def run_iwae(
     engine: Engine,
     chunks,
     ns: list[int],
-    settings: EStepSettings,
+    settings: EStepConfig,
     max_chunks: int | None = None,
     batch_chunks: int = 64,
     progress: bool = True,

@@ -154,6 +154,7 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, bf16: bool 
         init_method_std=model.init_std,
         tensor_model_parallel_size=parallel.tp,
         pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.vp,
         context_parallel_size=parallel.cp,
         sequence_parallel=parallel.sequence_parallel and parallel.tp > 1,
         bf16=bf16,
