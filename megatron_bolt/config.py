@@ -522,8 +522,6 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         raise UserError(f"train.exit_duration_mins: expected > 0 or null, got {t.exit_duration_mins}")
     if t.eval_interval < 0 or t.eval_iters < 1:
         raise UserError("train.eval_interval must be >= 0 and train.eval_iters >= 1")
-    if m.fp8 not in (None, "hybrid", "e4m3"):
-        raise UserError(f"model.fp8: expected null, 'hybrid' or 'e4m3', got {m.fp8!r}")
     if m.transformer_impl not in ("auto", "local", "transformer_engine"):
         raise UserError(f"model.transformer_impl: expected auto|local|transformer_engine, got {m.transformer_impl!r}")
     _validate_precision(m)
