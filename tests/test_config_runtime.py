@@ -94,18 +94,22 @@ def test_fp8_without_transformer_engine_is_one_line(synthetic_prefix, tmp_path):
 
 @pytest.mark.parametrize("text, value", [("1e-4", 1e-4), ("3E-4", 3e-4), ("1_000", 1000.0), (".5", 0.5), ("-2e+1", -20.0)])
 def test_numbers_as_typed_on_the_command_line_and_in_yaml(tmp_path, text, value):
-    cfg = load_config(TINY_CONFIG, [f"train.lr={text}", "train.steps=1_000", "train.warmup=1e2"])
-    assert cfg.train.lr == pytest.approx(value) and cfg.train.steps == 1000 and cfg.train.warmup == 100
+    # a float key without range checks (train.lr must lie above train.min_lr), so any sign parses
+    cfg = load_config(TINY_CONFIG, [f"model.rope_base={text}", "train.steps=1_000", "train.warmup=1e2"])
+    assert cfg.model.rope_base == pytest.approx(value) and cfg.train.steps == 1000 and cfg.train.warmup == 100
     path = tmp_path / "c.yaml"
-    path.write_text(f"train:\n  lr: {text}\n  steps: 2_000\n")
+    path.write_text(f"model:\n  rope_base: {text}\ntrain:\n  lr: {text if value > 0 else 1}\n  min_lr: 0\n"
+                    "  steps: 2_000\n")
     cfg = load_config(path)
-    assert cfg.train.lr == pytest.approx(value) and cfg.train.steps == 2000
+    assert cfg.model.rope_base == pytest.approx(value) and cfg.train.steps == 2000
+    assert cfg.train.lr == pytest.approx(value if value > 0 else 1)
 
 
 @pytest.mark.parametrize(
     "overrides, message",
     [
         (["train.lr=1e-4x"], "config key 'train.lr': expected a number"),
+        (["train.min_lr=-1e-5"], "train.min_lr (-1e-05) must be between 0 and train.lr"),
         (["train.steps=1.5"], "config key 'train.steps': expected an integer"),
         (["train.exit_signal=SIGFOO"], "train.exit_signal: expected a signal name"),
         (["parallel.vp=2"], "parallel.vp (2) needs parallel.pp > 1"),

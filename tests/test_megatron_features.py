@@ -287,6 +287,15 @@ runtime.shutdown()
 '''
 
 
+def test_tinyllama_example_is_the_shape_the_gpu_check_reports():
+    cfg = load_config(REPO / "examples" / "tinyllama" / "config.yaml")
+    m = cfg.model
+    assert (m.num_layers, m.hidden_size, m.num_attention_heads, m.kv_heads, m.ffn, m.vocab_size, m.seq_len) == (
+        22, 2048, 32, 4, 5632, 32000, 2048)
+    assert cfg.train.bf16 and cfg.train.distributed_optimizer
+    assert cfg.train.steps == 30 and cfg.checkpoint.save_interval == 25  # bench/gpu_check.sh resumes from 25
+
+
 def test_recomputation_gives_the_same_loss_and_grads_and_reruns_the_forward(tmp_path):
     cases = {
         "none": {},
@@ -320,7 +329,7 @@ def test_gpu_check_cpu_smoke(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
     env.update(OMP_NUM_THREADS="1", PYTHON=sys.executable)
     proc = subprocess.run(["bash", str(REPO / "bench" / "gpu_check.sh"), "--cpu-smoke", "--workdir", str(tmp_path)],
-                          capture_output=True, text=True, cwd=REPO, timeout=600, env=env)
+                          capture_output=True, text=True, cwd=REPO, timeout=1200, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = [x for x in proc.stdout.splitlines() if x.startswith("gpu_check:")]
     assert any("throughput over steps 2-6" in x and "peak memory n/a (CPU)" in x for x in lines), lines

@@ -21,12 +21,12 @@ from test_estep import MAX_LATENT, PREFIX, SPECIAL, assert_same_store, assert_we
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from megatron_bolt.cli import main as bolt_main
-from megatron_bolt.config import EngineConfig
-from megatron_bolt.data.formats import posterior_sampling_prompt, prior_scoring_sequence
+from megatron_bolt.config import EngineConfig, EStepConfig
+from megatron_bolt.data.formats import posterior_sampling_prompt
 from megatron_bolt.errors import UserError
 from megatron_bolt.inference.local import LocalEngine
 from megatron_bolt.inference.vllm import VLLMEngine
-from megatron_bolt.latents.estep import latent_ids, open_engine
+from megatron_bolt.latents.estep import latent_ids, open_engine, weigh_latents
 from megatron_bolt.stores.chunk_store import ChunkStore, write_chunk_store
 from megatron_bolt.stores.latent_store import LatentStore
 from megatron_bolt.tokenizer import train_bpe_tokenizer
@@ -93,22 +93,19 @@ def test_inprocess_estep_weights_match_transformers(world, vllm_store):
 def test_local_and_vllm_weigh_the_same_latents_alike(world, vllm_store, engine):
     _, model_dir, chunks_path, _ = world
     chunks = ChunkStore.open(chunks_path)
-    ids = latent_ids(SPECIAL)
-    prompts, conts = [], []
-    for i in range(chunks.num_chunks):
-        c = [int(t) for t in chunks.prefix_tokens(i, PREFIX)]
-        x = [int(t) for t in chunks.chunk_tokens(i)]
-        for z in vllm_store.read_chunk(i)["latents"]:
-            z = [int(t) for t in z]
-            prompts.append([SPECIAL["bos"], *posterior_sampling_prompt(c, x, ids)])
-            conts.append(z + [ids.eol])
-            seq, start = prior_scoring_sequence(c, z, x, ids)
-            prompts.append([SPECIAL["bos"], *seq[:start]])
-            conts.append(seq[start:])
+    idx = list(range(chunks.num_chunks))
+    recs = [vllm_store.read_chunk(i) for i in idx]
+    latents = [[[int(t) for t in z] for z in r["latents"]] for r in recs]
+    settings = EStepConfig(SAMPLES, PREFIX, MAX_LATENT, SEED)
     local = LocalEngine(model_dir)
-    np.testing.assert_allclose(engine.score(prompts, conts), local.score(prompts, conts), atol=1e-3, rtol=0)
+    lq, lp = weigh_latents(local, chunks, idx, latents, settings)
+    vq, vp = weigh_latents(engine, chunks, idx, latents, settings)
+    for a, b in ((lq, vq), (lp, vp), (vq, np.array([r["log_q"] for r in recs])), (vp, np.array([r["log_p"] for r in recs]))):
+        np.testing.assert_allclose(a, b, atol=1e-3, rtol=0)
     # greedy decoding (bolt eval): same tokens and the same stopping rule, stop ids and stop_check
-    first = prompts[:8]
+    ids = latent_ids(SPECIAL)
+    first = [[SPECIAL["bos"], *posterior_sampling_prompt([int(t) for t in chunks.prefix_tokens(i, PREFIX)],
+                                                          [int(t) for t in chunks.chunk_tokens(i)], ids)] for i in idx[:8]]
     check = lambda toks: toks[-2:] == toks[-4:-2] if len(toks) >= 4 else False  # noqa: E731
     got = engine.generate_greedy(first, 12, [ids.eol, 7], check)
     want = local.generate_greedy(first, 12, [ids.eol, 7], check)

@@ -39,6 +39,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vllm-graphs", action="store_true",
                         help="vllm engine: torch.compile and CUDA graphs instead of eager mode (GPU: faster "
                              "decoding after a warm-up of a minute or more)")
+    parser.add_argument("--context-length", type=int, default=None,
+                        help="truncate prompts and scored sequences to this many tokens, as the BoLT reference does "
+                             "(default: the engine's: max_position_embeddings, or what the SGLang server accepts)")
     parser.add_argument("--prefix-chunks", type=int, default=s.prefix_chunks,
                         help=f"previous chunks given as context (default {s.prefix_chunks})")
     parser.add_argument("--max-latent-tokens", type=int, default=s.max_latent_tokens,
@@ -52,7 +55,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         raise UserError(f"--engine {args.engine} needs --server URL [URL ...]")
     return EngineConfig(engine=args.engine, server=list(args.server), concurrency=args.concurrency,
                         device=args.device, threads=args.threads, batch_rows=args.batch_rows,
-                        kv_cache_gib=args.kv_cache_gib, vllm_dtype=args.vllm_dtype, vllm_graphs=args.vllm_graphs)
+                        kv_cache_gib=args.kv_cache_gib, vllm_dtype=args.vllm_dtype, vllm_graphs=args.vllm_graphs,
+                        context_length=args.context_length)
 
 
 def estep_config(args: argparse.Namespace, samples: int) -> EStepConfig:

@@ -95,7 +95,8 @@ class HTTPPool:
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
-    def _session(self) -> requests.Session:
+    def session(self) -> requests.Session:
+        """This thread's session (connections are reused per thread)."""
         s = getattr(self._local, "session", None)
         if s is None:
             s = self._local.session = requests.Session()
@@ -108,7 +109,7 @@ class HTTPPool:
         for attempt in range(self.retries + 1):
             url = self.pool.pick()
             try:
-                r = self._session().post(f"{url}{path}", json=payload, timeout=self.timeout_s)
+                r = self.session().post(f"{url}{path}", json=payload, timeout=self.timeout_s)
                 if r.status_code >= 500:
                     raise _Retryable(f"HTTP {r.status_code}: {r.text[:200]}")
                 if r.status_code != 200:

@@ -83,7 +83,10 @@ class VLLMEngine(Engine):
         max_model_len: int | None = None,
         eager: bool = True,
         seed: int = 0,
+        context_length: int | None = None,
     ) -> None:
+        """context_length: truncate E-step sequences to this many tokens (default, and at most, vLLM's
+        max_model_len, which it derives from the config's max_position_embeddings)."""
         cfg_path = Path(model_dir) / "config.json"
         try:
             config = json.loads(cfg_path.read_text())
@@ -119,6 +122,12 @@ class VLLMEngine(Engine):
         self.model_dir = model_dir
         self.vocab_size = int(config["vocab_size"])
         self.max_model_len = int(self.llm.llm_engine.model_config.max_model_len)
+        self._context_length = min(n for n in (self.max_model_len, context_length) if n)
+
+    @property
+    def context_length(self) -> int | None:
+        """vLLM rejects a prompt longer than max_model_len and ends a sample that reaches it."""
+        return self._context_length
 
     # ----------------------------------------------------------------------------------- internals
     def _params(self, max_tokens: int, stop: list[int], seed: int | None, greedy: bool = False, **kw):

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import requests
+
 from megatron_bolt.inference.base import Engine, Sample, per_prompt_seeds, sample_seed
 from megatron_bolt.inference.http import EngineError, HTTPPool
 
@@ -38,11 +40,33 @@ class VLLMServerEngine(Engine):
         max_backoff_s: float = 8.0,
         failure_threshold: int = 2,
         cooldown_s: float = 30.0,
+        context_length: int | None = None,
     ) -> None:
-        """model: the served model name, only needed when a router fronts several models."""
+        """model: the served model name, only needed when a router fronts several models;
+        context_length: send no sequence longer than this (the server's max_model_len still applies)."""
         self.http = HTTPPool(urls, concurrency, timeout_s, retries, backoff_s, max_backoff_s, failure_threshold,
                              cooldown_s, name="vllm-client")
         self.model = model
+        self._context_cap = context_length
+        self._context_length: int | None = None
+
+    @property
+    def context_length(self) -> int | None:
+        """The smallest `max_model_len` in the servers' `/v1/models` (vLLM's `ModelCard`), or the
+        smaller context_length asked for."""
+        if self._context_length is None:
+            lens = []
+            for url in self.http.pool.urls:
+                try:
+                    r = requests.get(f"{url}/v1/models", timeout=30)
+                    lens += [int(m["max_model_len"]) for m in r.json().get("data", []) if m.get("max_model_len")]
+                except (requests.RequestException, ValueError, TypeError, KeyError):
+                    continue  # a server that is down now; the others tell
+            limits = [n for n in (min(lens) if lens else None, self._context_cap) if n]
+            if not limits:
+                raise EngineError("no vLLM server answered /v1/models with max_model_len (are they up?)")
+            self._context_length = min(limits)
+        return self._context_length
 
     def close(self) -> None:
         self.http.close()

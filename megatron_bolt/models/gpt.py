@@ -1,4 +1,5 @@
-"""Llama-style GPT on Megatron-Core: RMSNorm, SwiGLU, RoPE, GQA, no biases.
+"""Llama-style GPT on Megatron-Core: RMSNorm, SwiGLU, RoPE (optionally Llama-3 scaled), GQA, an
+explicit head dim, optional q/k/v biases (Qwen2), tied or untied embeddings.
 
 The local (pure Megatron-Core) layer spec runs everywhere, CPU included; the Transformer Engine
 spec is used on GPU when TE is importable, and is the only way to get FP8. Both specs give the
@@ -142,13 +143,13 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, bf16: bool 
         num_attention_heads=model.num_attention_heads,
         num_query_groups=model.kv_heads,
         ffn_hidden_size=model.ffn,
-        kv_channels=model.hidden_size // model.num_attention_heads,
+        kv_channels=model.head_dim,
         normalization="RMSNorm",
         layernorm_epsilon=model.norm_eps,
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=False,
+        add_qkv_bias=model.qkv_bias,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=model.init_std,
@@ -156,6 +157,10 @@ def transformer_config(model: ModelConfig, parallel: ParallelConfig, bf16: bool 
         pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=parallel.vp,
         context_parallel_size=parallel.cp,
+        # Megatron-LM's default for the interleaved schedule (--no-overlap-p2p-communication off):
+        # unbatched, overlapped p2p; batched p2p needs pp > 2 (several sends between two ranks)
+        overlap_p2p_comm=parallel.vp is not None,
+        batch_p2p_comm=parallel.vp is None,
         sequence_parallel=parallel.sequence_parallel and parallel.tp > 1,
         bf16=bf16,
         params_dtype=dtype,
@@ -208,6 +213,19 @@ def layer_spec(model: ModelConfig, parallel: ParallelConfig | None = None):
     return spec
 
 
+def rotary_for(model: GPTModel, positions: torch.Tensor) -> torch.Tensor:
+    """RoPE frequencies [n, 1, 1, d] for explicit position ids [n] (not 0..n-1)."""
+    return model.rotary_pos_emb(int(positions.max().item()) + 1)[positions.long()]
+
+
+def output_logits(model: GPTModel, hidden: torch.Tensor) -> torch.Tensor:
+    """The output layer on post-final-norm hidden states [s, b, h] (tied: the embedding matrix);
+    logits [s, b, vocab / tp] (this rank's vocabulary shard)."""
+    weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
+    out, _ = model.output_layer(hidden, weight=weight)
+    return out
+
+
 def build_gpt(
     model: ModelConfig,
     parallel: ParallelConfig,
@@ -234,6 +252,8 @@ def gpt_model_kwargs(
         post_process=post_process,
         share_embeddings_and_output_weights=model.tie_embeddings,
         position_embedding_type="rope",
-        rotary_base=int(model.rope_base),
+        rotary_base=model.rope_base,
+        rope_scaling=model.rope_scaling_factor is not None,
+        rope_scaling_factor=model.rope_scaling_factor or 8.0,
         parallel_output=True,
     )

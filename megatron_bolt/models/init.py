@@ -53,6 +53,8 @@ def canonical_slices(name: str, full_shape: tuple[int, ...], dim: int, indices: 
     """The slices `indices` (along `dim`) of the canonical tensor `name`, stacked along `dim`."""
     std = _std(name, cfg)
     slice_shape = full_shape[:dim] + full_shape[dim + 1:]
+    if name.endswith(".bias"):  # q/k/v biases (Qwen2 shape) start at zero, as in Megatron
+        return torch.zeros(slice_shape[:dim] + (len(indices),) + slice_shape[dim:])
     if std is None:
         out = torch.ones(slice_shape[:dim] + (len(indices),) + slice_shape[dim:])
         return out
