@@ -17,10 +17,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from megatron_bolt.cli import main as bolt_main
+from megatron_bolt.config import EStepConfig
 from megatron_bolt.errors import UserError
 from megatron_bolt.inference.local import LocalEngine
 from megatron_bolt.latents.estep import (
-    EStepSettings,
     iwae_bounds,
     open_or_create_store,
     resample,
@@ -83,7 +83,7 @@ def summed_logprob(model, tokens: list[int], start: int) -> float:
 
 def run_local(chunks_path, model_dir, out, samples=3, shard=(0, 1), block_size=3, seed=5):
     chunks = ChunkStore.open(chunks_path)
-    settings = EStepSettings(samples, PREFIX, MAX_LATENT, seed)
+    settings = EStepConfig(samples, PREFIX, MAX_LATENT, seed)
     store = open_or_create_store(out, chunks.num_chunks, settings, block_size, {"engine": "local"})
     run_estep(LocalEngine(model_dir), chunks, store, settings, shard, progress=False)
     return LatentStore.open(out, mode="r")
@@ -203,13 +203,53 @@ def test_iwae(setup, tmp_path):
     want4 = np.mean([math.log(np.exp(r).sum() / 4) for r in log_w])
     assert abs(got[1] - log_w[:, 0].mean()) < 1e-12 and abs(got[4] - want4) < 1e-12
     res = run_iwae(LocalEngine(model_dir), ChunkStore.open(chunks_path), [1, 2, 4],
-                   EStepSettings(4, PREFIX, MAX_LATENT, 0), progress=False)
+                   EStepConfig(4, PREFIX, MAX_LATENT, 0), progress=False)
     assert set(res["iwae_per_chunk"]) == {"1", "2", "4"}
     assert all(np.isfinite(v) and v < 0 for v in res["iwae_per_chunk"].values())
     out = tmp_path / "iwae.json"
     rc = bolt_main(["iwae", "--model", model_dir, "--chunks", chunks_path, "--samples", "1,2", "--quiet",
                     "--max-latent-tokens", str(MAX_LATENT), "--json", str(out)])
     assert rc == 0 and out.exists()
+
+
+def test_iwae_document_protocol_is_the_references(tmp_path, monkeypatch):
+    """Whole-document prefixes; per-chunk bounds summed per document, divided by the document's
+    tokens, averaged over documents (ryoungj/BoLT apps/main/eval.py `compute_elbo`)."""
+    from megatron_bolt.latents import estep
+
+    info = {"tokenizer": "t", "vocab_size": 50, "special_tokens": {"bos": 1, "eos": 2, "sol": 3, "eol": 4,
+                                                                     "prior": 5, "posterior": 6}}
+    docs = [[np.array([7, 8, 9], np.int32), np.array([10], np.int32)],  # 4 tokens
+            [np.array([11, 12], np.int32)],  # 2 tokens
+            [np.array([13], np.int32), np.array([14, 15], np.int32), np.array([16], np.int32)]]  # 4 tokens
+    path = str(tmp_path / "c.zarr")
+    write_chunk_store(path, docs, info)
+    # log w of chunk i, sample k: -(i + 1) - k; the E-step itself is tested above
+    seen = []
+
+    def fake(engine, chunks, idx, settings, block, samples):
+        seen.append((list(idx), settings.prefix_chunks))
+        w = np.array([[-(i + 1.0) - k for k in range(samples)] for i in idx])
+        return estep.BlockResult(list(idx), [], w, w, w, np.zeros(len(idx), np.int32), np.ones_like(w, bool))
+
+    monkeypatch.setattr(estep, "sample_and_weight", fake)
+    store = ChunkStore.open(path)
+    res = run_iwae(None, store, [1, 2], EStepConfig(2, 1, 8, 0), progress=False, batch_chunks=4)
+    assert all(p >= 3 for _, p in seen)  # every chunk sees its whole document
+    lme2 = [math.log((math.exp(-(i + 1.0)) + math.exp(-(i + 2.0))) / 2) for i in range(6)]
+    sums1 = [-1 - 2, -3, -4 - 5 - 6]
+    sums2 = [lme2[0] + lme2[1], lme2[2], lme2[3] + lme2[4] + lme2[5]]
+    tokens = [4, 2, 4]
+    assert res["docs"] == 3 and res["chunks"] == 6 and res["x_tokens"] == 10
+    assert abs(res["iwae_per_token"]["1"] - np.mean([s / t for s, t in zip(sums1, tokens)])) < 1e-12
+    assert abs(res["iwae_per_token"]["2"] - np.mean([s / t for s, t in zip(sums2, tokens)])) < 1e-12
+    assert abs(res["iwae_per_document"]["1"] - np.mean(sums1)) < 1e-12
+    # only whole documents with --max-docs
+    assert run_iwae(None, store, [1], EStepConfig(1, 1, 8, 0), progress=False, max_docs=2)["chunks"] == 3
+    # the old protocol: the chunks' own prefix, the mean over chunks
+    seen.clear()
+    old = run_iwae(None, store, [1], EStepConfig(1, 1, 8, 0), progress=False, protocol="chunk")
+    assert {p for _, p in seen} == {1} and abs(old["iwae_per_chunk"]["1"] - np.mean([-1, -2, -3, -4, -5, -6])) < 1e-12
 
 
 def test_cli_rejects_bad_shard(setup, capsys):
@@ -244,7 +284,7 @@ def test_estep_truncates_to_the_context(setup, tmp_path):
     root, model_dir, chunks_path, docs = setup
     context = 22
     chunks = ChunkStore.open(chunks_path)
-    settings = EStepSettings(3, PREFIX, MAX_LATENT, 5)
+    settings = EStepConfig(3, PREFIX, MAX_LATENT, 5)
     store = open_or_create_store(str(tmp_path / "t.zarr"), chunks.num_chunks, settings, 3, {})
     totals = run_estep(LocalEngine(model_dir, context_length=context), chunks, store, settings, progress=False)
     assert totals.context == context and totals.truncated.q_prompts > 0 and totals.truncated.joint > 0
@@ -291,7 +331,7 @@ def test_local_and_sglang_weigh_the_same_latents_alike(setup, tmp_path):
     try:
         assert client.context_length == 23  # max_req_input_len (30 - 6) - 1
         chunks = ChunkStore.open(chunks_path)
-        settings = EStepSettings(3, PREFIX, MAX_LATENT, 7)
+        settings = EStepConfig(3, PREFIX, MAX_LATENT, 7)
         store = open_or_create_store(str(tmp_path / "s.zarr"), chunks.num_chunks, settings, 4, {})
         totals = run_estep(client, chunks, store, settings, progress=False)
         assert totals.truncated.q_prompts > 0 and totals.truncated.joint > 0

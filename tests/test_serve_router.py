@@ -162,7 +162,8 @@ def test_router_fleet_matches_local_and_survives_a_dead_worker(fleet):
 def test_estep_through_router_matches_a_direct_run_despite_a_dead_worker(fleet, tmp_path):
     import numpy as np
 
-    from megatron_bolt.latents.estep import EStepSettings, open_or_create_store, run_estep, weigh_latents
+    from megatron_bolt.config import EStepConfig
+    from megatron_bolt.latents.estep import open_or_create_store, run_estep, weigh_latents
     from megatron_bolt.stores.chunk_store import ChunkStore, write_chunk_store
     from megatron_bolt.stores.latent_store import LatentStore
 
@@ -173,7 +174,7 @@ def test_estep_through_router_matches_a_direct_run_despite_a_dead_worker(fleet, 
     chunks_path = str(tmp_path / "chunks.zarr")
     write_chunk_store(chunks_path, docs, {"tokenizer": "test", "vocab_size": 48, "special_tokens": special})
     chunks = ChunkStore.open(chunks_path)
-    settings = EStepSettings(samples=4, prefix_chunks=2, max_latent_tokens=12, seed=3)
+    settings = EStepConfig(samples=4, prefix_chunks=2, max_latent_tokens=12, seed=3)
 
     def estep(engine, out):
         store = open_or_create_store(out, chunks.num_chunks, settings, 4, {})

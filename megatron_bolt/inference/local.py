@@ -120,8 +120,13 @@ class LocalEngine(Engine):
         model's max_position_embeddings)."""
         from transformers import AutoModelForCausalLM
 
+        from megatron_bolt.models.hf_ponder import is_ponder_export
+
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
+        # a ponder export runs the project's own modeling code, written next to its weights
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, trust_remote_code=is_ponder_export(model_dir)
+        ).to(self.device).eval()
         self.model_dir = model_dir
         self.vocab_size = int(self.model.config.vocab_size)
         self.max_batch_rows = max_batch_rows

@@ -35,6 +35,7 @@ those of the latents it holds, and resume still loses or duplicates no chunk.
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from collections.abc import Iterable
@@ -42,6 +43,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from megatron_bolt.config import EngineConfig, EStepConfig, check_section
 from megatron_bolt.data.formats import posterior_sampling_prompt, prior_scoring_sequence
 from megatron_bolt.errors import UserError
 from megatron_bolt.inference.base import Engine, derive_seed
@@ -51,18 +53,6 @@ _RESAMPLE_TAG = 0x5E5A  # separates the resampling stream from the sampling seed
 
 
 @dataclass
-class EStepSettings:
-    samples: int = 4
-    prefix_chunks: int = 3
-    max_latent_tokens: int = 1024
-    seed: int = 0
-
-    # settings that must not change between a run and its resumption
-    def fingerprint(self) -> dict:
-        return {"samples": self.samples, "prefix_chunks": self.prefix_chunks,
-                "max_latent_tokens": self.max_latent_tokens, "seed": self.seed}
-
-
 @dataclass
 class Truncation:
     """How many chunks of a block (or run) were cut to the context, by kind."""
@@ -192,7 +182,7 @@ class _BlockInputs:
     cut: Truncation
 
 
-def _block_inputs(engine: Engine, chunks, chunk_indices: list[int], settings: EStepSettings) -> _BlockInputs:
+def _block_inputs(engine: Engine, chunks, chunk_indices: list[int], settings: EStepConfig) -> _BlockInputs:
     sp = chunks.special_tokens
     ids = latent_ids(sp)
     bos = [int(sp["bos"])] if sp.get("bos") is not None and int(sp["bos"]) >= 0 else []
@@ -230,7 +220,7 @@ def sample_and_weight(
     engine: Engine,
     chunks,  # ChunkStore
     chunk_indices: list[int],
-    settings: EStepSettings,
+    settings: EStepConfig,
     block: int,
     samples: int | None = None,
 ) -> BlockResult:
@@ -259,7 +249,7 @@ def sample_and_weight(
 
 
 def weigh_latents(
-    engine: Engine, chunks, chunk_indices: list[int], latents: list[list[list[int]]], settings: EStepSettings
+    engine: Engine, chunks, chunk_indices: list[int], latents: list[list[list[int]]], settings: EStepConfig
 ) -> tuple[np.ndarray, np.ndarray]:
     """(log q, log p) of given latents (as a latent store holds them: no closing EoL) under `engine`,
     both by scoring, with the E-step's prompts and truncation: compares engines on the same latents.
@@ -278,6 +268,24 @@ def weigh_latents(
     return log_q, log_p
 
 
+def open_engine(model_dir: str, cfg: EngineConfig) -> Engine:
+    """The engine that runs the E-step and the IWAE bound on the HF export `model_dir`."""
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise UserError(f"{model_dir}: no config.json (expected an HF export directory)")
+    check_section(cfg, "engine.")
+    if cfg.engine == "sglang":
+        from megatron_bolt.inference.sglang import SGLangEngine
+
+        return SGLangEngine(cfg.server, concurrency=cfg.concurrency, context_length=cfg.context_length)
+    import torch
+
+    from megatron_bolt.inference.local import LocalEngine
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return LocalEngine(model_dir, device=cfg.device, max_batch_rows=cfg.batch_rows, context_length=cfg.context_length)
+
+
 def parse_shard(text: str) -> tuple[int, int]:
     try:
         i, n = (int(v) for v in text.split("/"))
@@ -294,7 +302,7 @@ def shard_blocks(num_blocks: int, shard: tuple[int, int]) -> list[int]:
     return [b for b in range(num_blocks) if b % n == i]
 
 
-def open_or_create_store(path: str, num_chunks: int, settings: EStepSettings, block_size: int, meta: dict):
+def open_or_create_store(path: str, num_chunks: int, settings: EStepConfig, block_size: int, meta: dict):
     """Create the store, or open the existing one after checking it was made with the same settings."""
     from megatron_bolt.stores.latent_store import LatentStore
 
@@ -322,7 +330,7 @@ def run_estep(
     engine: Engine,
     chunks,  # ChunkStore
     store,  # LatentStore
-    settings: EStepSettings,
+    settings: EStepConfig,
     shard: tuple[int, int] = (0, 1),
     block_meta: dict | None = None,
     progress: bool = True,
@@ -377,29 +385,56 @@ def iwae_bounds(log_w: np.ndarray, ns: Iterable[int]) -> dict[int, float]:
     for n in ns:
         if n < 1 or n > log_w.shape[1]:
             raise ValueError(f"n={n} needs 1 <= n <= {log_w.shape[1]}")
-        sub = log_w[:, :n]
-        m = sub.max(axis=1, keepdims=True)
-        lse = (m[:, 0] + np.log(np.exp(sub - m).sum(axis=1))) - math.log(n)
-        out[n] = float(lse.mean())
+        out[n] = float(_logmeanexp(log_w, n).mean())
     return out
+
+
+IWAE_PROTOCOLS = ("document", "chunk")
+WHOLE_DOCUMENT = 1 << 30  # prefix_chunks that reaches back to a document's first chunk
+
+
+def _logmeanexp(log_w: np.ndarray, n: int) -> np.ndarray:
+    """Per row: logsumexp of the first n log weights, minus log n."""
+    sub = log_w[:, :n]
+    m = sub.max(axis=1, keepdims=True)
+    return (m[:, 0] + np.log(np.exp(sub - m).sum(axis=1))) - math.log(n)
 
 
 def run_iwae(
     engine: Engine,
     chunks,
     ns: list[int],
-    settings: EStepSettings,
+    settings: EStepConfig,
     max_chunks: int | None = None,
     batch_chunks: int = 64,
     progress: bool = True,
+    protocol: str = "document",
+    max_docs: int | None = None,
 ) -> dict:
-    """IWAE bounds for n in ns on (the first max_chunks) chunks, per chunk and per X token."""
-    total = chunks.num_chunks if max_chunks is None else min(max_chunks, chunks.num_chunks)
+    """IWAE bounds for n in ns.
+
+    protocol "document" (the BoLT reference's validation, `compute_elbo` in apps/main/eval.py):
+    every chunk's prefix is the whole document before it, the per-chunk bounds are summed per
+    document, each document's sum is divided by its tokens, and those per-token values are
+    averaged over documents (the first `max_docs` documents). Build the chunk store with
+    `bolt preprocess --chunking uniform` for the reference's uniform validation chunks.
+
+    protocol "chunk": the chunks' own prefixes (`settings.prefix_chunks`), the mean over (the first
+    `max_chunks`) chunks, and per token as that mean times chunks over X tokens.
+    """
+    if protocol not in IWAE_PROTOCOLS:
+        raise UserError(f"--protocol {protocol!r}: choose from {', '.join(IWAE_PROTOCOLS)}")
+    if protocol == "document":
+        docs = chunks.num_docs if max_docs is None else min(max_docs, chunks.num_docs)
+        total = int(chunks.doc_chunk_offsets[docs]) if docs else 0
+        settings = EStepConfig(settings.samples, WHOLE_DOCUMENT, settings.max_latent_tokens, settings.seed)
+    else:
+        total = chunks.num_chunks if max_chunks is None else min(max_chunks, chunks.num_chunks)
     if total == 0:
         raise UserError(f"{chunks.path}: no chunks")
     kmax = max(ns)
     all_w = []
-    x_tokens = 0
+    x_lengths = np.zeros(total, dtype=np.int64)
     cut = Truncation()
     context = None
     bar = None
@@ -411,8 +446,7 @@ def run_iwae(
         idx = list(range(start, min(start + batch_chunks, total)))
         res = sample_and_weight(engine, chunks, idx, settings, block=start // batch_chunks, samples=kmax)
         all_w.append(res.log_w)
-        # X tokens actually scored: the per-token bound must not count tokens truncation cut off
-        x_tokens += sum(len(chunks.chunk_tokens(i)) for i in idx) - res.truncated.x_tokens_cut
+        x_lengths[idx] = [len(chunks.chunk_tokens(i)) for i in idx]
         cut.add(res.truncated)
         context = res.context
         if bar is not None:
@@ -420,14 +454,27 @@ def run_iwae(
     if bar is not None:
         bar.close()
     log_w = np.concatenate(all_w)
-    bounds = iwae_bounds(log_w, ns)
-    return {
-        "chunks": total,
-        "x_tokens": x_tokens,
-        "samples": kmax,
-        "iwae_per_chunk": {str(n): v for n, v in bounds.items()},
-        "iwae_per_token": {str(n): v * total / max(x_tokens, 1) for n, v in bounds.items()},
-        "context": context,
-        "truncated": asdict(cut),
-        "settings": asdict(settings),
-    }
+    # X tokens actually scored: the per-token bound must not count tokens truncation cut off (the
+    # document protocol's per-document counts keep them: cuts at a chunk's end are rare and counted)
+    x_tokens = int(x_lengths.sum()) - cut.x_tokens_cut
+    result = {"protocol": protocol, "chunks": total, "x_tokens": x_tokens, "samples": kmax,
+              "settings": asdict(settings),
+              "context": context, "truncated": asdict(cut)}
+    if protocol == "chunk":
+        bounds = iwae_bounds(log_w, ns)
+        result["iwae_per_chunk"] = {str(n): v for n, v in bounds.items()}
+        result["iwae_per_token"] = {str(n): v * total / max(x_tokens, 1) for n, v in bounds.items()}
+        return result
+    doc_of = np.asarray(chunks.chunk_doc[:total], dtype=np.int64)
+    doc_tokens = np.bincount(doc_of, weights=x_lengths, minlength=docs)
+    per_doc, per_token, per_chunk = {}, {}, {}
+    for n in ns:
+        if n < 1 or n > kmax:
+            raise ValueError(f"n={n} needs 1 <= n <= {kmax}")
+        lme = _logmeanexp(log_w, n)
+        doc_sum = np.bincount(doc_of, weights=lme, minlength=docs)
+        per_doc[str(n)] = float(doc_sum.mean())
+        per_token[str(n)] = float((doc_sum / np.maximum(doc_tokens, 1)).mean())
+        per_chunk[str(n)] = float(lme.mean())
+    result.update(docs=docs, iwae_per_document=per_doc, iwae_per_token=per_token, iwae_per_chunk=per_chunk)
+    return result
