@@ -20,7 +20,6 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
 from megatron.core.optimizer import get_megatron_optimizer
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
@@ -28,11 +27,15 @@ from megatron_bolt import runtime
 from megatron_bolt.config import RunConfig, validate
 from megatron_bolt.errors import UserError
 from megatron_bolt.models import build_model_chunk
+from megatron_bolt.models.gpt import check_requirements
 from megatron_bolt.models.init import initialize_weights
 from megatron_bolt.training import checkpoint as ckpt
 from megatron_bolt.training import settings
+from megatron_bolt.training.context_parallel import cp_slice, masked_mean_loss
 from megatron_bolt.training.data import GlobalBatchSampler, build_datasets
 from megatron_bolt.training.exit import ExitSignalHandler
+from megatron_bolt.training.metrics import StepMeter
+from megatron_bolt.training.schedule import build_scheduler
 
 
 def layer_offset(cfg: RunConfig, vp_stage: int | None = None) -> int:
@@ -80,22 +83,7 @@ def _build_chunk(cfg: RunConfig, vp_stage: int | None):
 def build_optimizer(cfg: RunConfig, model: list):
     t = cfg.train
     optimizer = get_megatron_optimizer(settings.optimizer_config(cfg), model, **settings.optimizer_kwargs(cfg))
-    scheduler = OptimizerParamScheduler(
-        optimizer,
-        init_lr=0.0,
-        max_lr=t.lr,
-        min_lr=t.min_lr,
-        lr_warmup_steps=t.warmup,
-        lr_decay_steps=max(t.steps, t.warmup + 1),
-        lr_decay_style="cosine",
-        start_wd=t.weight_decay,
-        end_wd=t.weight_decay,
-        wd_incr_steps=max(t.steps, 1),
-        wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=not t.override_opt_param_scheduler,
-        override_opt_param_scheduler=t.override_opt_param_scheduler,
-    )
-    return optimizer, scheduler
+    return optimizer, build_scheduler(optimizer, t, override=t.override_opt_param_scheduler)
 
 
 def override_scheduler(cfg: RunConfig, optimizer, scheduler) -> None:
@@ -108,15 +96,13 @@ def override_scheduler(cfg: RunConfig, optimizer, scheduler) -> None:
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    losses = output_tensor.float()
-    mask = loss_mask.float()
-    loss = torch.sum(losses.view(-1) * mask.view(-1)) / mask.sum().clamp(min=1)
+    loss, reported = masked_mean_loss(output_tensor, loss_mask)
     # clone: the schedule divides the returned loss in place by the number of micro-batches
-    return loss, {"lm loss": loss.detach().clone()}
+    return loss, {"lm loss": reported.clone()}
 
 
 def _forward_step(data_iterator, model):
-    batch = next(data_iterator)
+    batch = cp_slice(next(data_iterator))
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     return output, partial(_loss_func, batch["loss_mask"])
 
@@ -192,7 +178,8 @@ def evaluate(cfg: RunConfig, model: list, forward_backward, sampler) -> dict:
 def _reduce_loss(losses_reduced: list[dict]) -> float:
     """Mean loss of the global batch, known on every rank (computed on the last stage)."""
     value = torch.zeros(1, dtype=torch.float64, device=runtime.device())
-    if parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0:
+    if (parallel_state.is_pipeline_last_stage() and parallel_state.get_tensor_model_parallel_rank() == 0
+            and parallel_state.get_context_parallel_rank() == 0):
         if losses_reduced:
             mean = sum(float(x["lm loss"]) for x in losses_reduced) / len(losses_reduced)
             value += mean / parallel_state.get_data_parallel_world_size()
@@ -256,7 +243,9 @@ def _progress(step: int, total: int, record: dict, started: float, first_step: i
     return (
         f"step {step:>6}/{total} | loss {record['loss']:.4f} | lr {record['lr']:.3e} | "
         f"grad norm {gn if gn is None else format(gn, '.3f')} | {record['tokens_per_s']:,.0f} tok/s | "
-        f"eta {eta / 60:.1f} min"
+        + (f"MFU {record['mfu']:.1%} | " if record.get("mfu") is not None else "")
+        + (f"peak {record['peak_mem_gib']:.1f} GiB | " if record.get("peak_mem_gib") is not None else "")
+        + f"eta {eta / 60:.1f} min"
     )
 
 
@@ -269,8 +258,10 @@ def train(cfg: RunConfig) -> dict:
     started = time.time()
     par, t = cfg.parallel, cfg.train
     exit_handler = ExitSignalHandler(t.exit_signal) if t.exit_signal_handler else None
+    check_requirements(cfg.model, cfg.parallel)  # before any process group: the clearest error
     try:
-        runtime.init_distributed(par.tp, par.pp, t.seed, vp=par.vp, gloo_process_groups=par.gloo_process_groups)
+        runtime.init_distributed(par.tp, par.pp, t.seed, vp=par.vp, gloo_process_groups=par.gloo_process_groups,
+                                 cp=par.cp)
         return _train(cfg, exit_handler, started)
     finally:
         if exit_handler is not None:
@@ -331,6 +322,7 @@ def _train(cfg: RunConfig, exit_handler: ExitSignalHandler | None, started: floa
         f"{tokens_per_step:,} tokens"
     )
 
+    meter = StepMeter(cfg, dist.get_world_size())
     last = {}
     loop_started = time.time()
     for step in range(start_step + 1, t.steps + 1):
@@ -345,13 +337,12 @@ def _train(cfg: RunConfig, exit_handler: ExitSignalHandler | None, started: floa
             scheduler.step(increment=1)
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss became {loss} at step {step}")
-        elapsed = time.time() - step_start
         last = {
             "step": step,
             "loss": loss,
             "lr": optimizer.param_groups[0]["lr"],
             "grad_norm": None if grad_norm is None else float(grad_norm),
-            "tokens_per_s": tokens_per_step / max(elapsed, 1e-9),
+            **meter.measure(time.time() - step_start),
         }
         if valid_sampler is not None and (step % t.eval_interval == 0 or step == t.steps):
             last.update(evaluate(cfg, model, forward_backward, valid_sampler))

@@ -26,6 +26,7 @@ def parallel_state_kwargs(cfg: RunConfig) -> dict:
     return {
         "tensor_model_parallel_size": cfg.parallel.tp,
         "pipeline_model_parallel_size": cfg.parallel.pp,
+        "context_parallel_size": cfg.parallel.cp,
         "virtual_pipeline_model_parallel_size": cfg.parallel.vp,
         "create_gloo_process_groups": cfg.parallel.gloo_process_groups,
     }
@@ -54,6 +55,7 @@ def optimizer_config(cfg: RunConfig) -> OptimizerConfig:
         weight_decay=t.weight_decay,
         adam_beta1=t.adam_beta1,
         adam_beta2=t.adam_beta2,
+        adam_eps=t.adam_eps,
         clip_grad=t.clip_grad,
         bf16=t.bf16,
         params_dtype=params_dtype(cfg),
