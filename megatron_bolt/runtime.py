@@ -7,12 +7,18 @@ of SLURM_NODELIST, so sbatch scripts never hand-edit host names.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import random
 import re
+import signal
 import socket
+import subprocess
+import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import IO
 
 import numpy as np
 import torch
@@ -68,6 +74,65 @@ def detect_env(environ: dict[str, str] | None = None) -> DistEnv:
     return DistEnv(0, 1, 0, "127.0.0.1", _free_port())
 
 
+def under_launcher(environ: dict[str, str] | None = None) -> bool:
+    """True in a rank started by torchrun (RANK/WORLD_SIZE) or by srun (SLURM_PROCID/SLURM_NTASKS in a step)."""
+    env = os.environ if environ is None else environ
+    return ("RANK" in env and "WORLD_SIZE" in env) or (
+        "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env
+    )
+
+
+def single_rank_env() -> dict[str, str]:
+    """The launcher variables of a job that is exactly one rank on this machine (what torchrun
+    would set for --nproc-per-node 1), so a stray SLURM allocation size is not mistaken for ranks."""
+    return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": os.environ.get("MASTER_PORT") or str(_free_port())}
+
+
+def launch_command(argv: list[str], nproc: int = 1) -> list[str]:
+    """The command line of `bolt <argv>` in a new process: plain for one rank, else under
+    `torchrun --standalone --nproc-per-node nproc` (one machine, a free rendezvous port)."""
+    bolt = ["-m", "megatron_bolt", *argv]
+    if nproc <= 1:
+        return [sys.executable, *bolt]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *bolt]
+
+
+def relaunch(argv: list[str], nproc: int = 1, log: IO[str] | None = None, env: dict[str, str] | None = None,
+             forward_signals: Iterable[signal.Signals] = ()) -> int:
+    """Run `bolt <argv>` as `nproc` local ranks and wait; returns the exit code.
+
+    The one way a command gets processes of its own: `bolt train/score/generate --nproc-per-node N`
+    hand their own full argv here (under torchrun the flag is ignored, every other flag arrives as
+    typed), and the EM driver runs its training and conversion steps through it. With `log`, the
+    children's stdout and stderr go to that file. `forward_signals` received here are passed to the
+    ranks themselves, not to torchrun (which would tear its workers down on SIGTERM and die of
+    SIGUSR1), so a save-and-exit signal reaches the training loop."""
+    child_env = dict(os.environ if env is None else env)
+    if nproc <= 1:
+        child_env.update(single_rank_env())
+    else:  # torchrun sets these per rank; inherited values would override nothing but confuse
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+            child_env.pop(key, None)
+    out = {"stdout": log, "stderr": subprocess.STDOUT} if log is not None else {}
+    proc = subprocess.Popen(launch_command(argv, nproc), env=child_env, **out)
+
+    def forward(signum, frame):
+        import psutil
+
+        targets = psutil.Process(proc.pid).children() if nproc > 1 else [proc]
+        for child in targets:  # under torchrun: the ranks, not their helpers
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
+                child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in set(forward_signals)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -80,8 +145,21 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_min: int = 30) -> DistEnv:
-    """Start torch.distributed (NCCL on GPU, gloo on CPU) and Megatron-Core's TP/PP/DP groups."""
+def init_distributed(
+    tp: int = 1,
+    pp: int = 1,
+    seed: int = 1234,
+    timeout_min: int = 30,
+    vp: int | None = None,
+    gloo_process_groups: bool = True,
+    cp: int = 1,
+) -> DistEnv:
+    """Start torch.distributed (NCCL on GPU, gloo on CPU) and Megatron-Core's TP/PP/CP/DP groups.
+
+    Only the backend and the device depend on CUDA; the parallel state is created with the same
+    arguments either way (`gloo_process_groups` is Megatron-LM's --disable-gloo-process-groups,
+    and must be the flag the optimizer is built with: megatron_bolt.training.settings).
+    """
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import random as mp_random
 
@@ -104,7 +182,9 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_min: in
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
-            create_gloo_process_groups=not use_cuda,
+            context_parallel_size=cp,
+            virtual_pipeline_model_parallel_size=vp,
+            create_gloo_process_groups=gloo_process_groups,
         )
     set_seed(seed)
     if use_cuda:

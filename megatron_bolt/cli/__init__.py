@@ -33,7 +33,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The `bolt` parser; only the command that `argv` names gets its arguments (its module imported)."""
     parser = argparse.ArgumentParser(prog="bolt", description="megatron-bolt: latent-thought pretraining on Megatron-Core")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     groups: dict[str, argparse._SubParsersAction] = {}
@@ -47,25 +48,27 @@ def build_parser() -> argparse.ArgumentParser:
             target = groups[parts[0]]
         p = target.add_parser(parts[-1], help=help_text, description=help_text)
         p.set_defaults(_module=module_name, _argv_name=name)
-        if _wants_arguments(name, sys.argv):
+        if _wants_arguments(name, argv):
+            # add_arguments may read its command's full name: p.get_default("_argv_name")
             importlib.import_module(module_name).add_arguments(p)
     return parser
 
 
 def _wants_arguments(name: str, argv: list[str]) -> bool:
     """Only the chosen command's module is imported to add its arguments."""
-    words = [a for a in argv[1:] if not a.startswith("-")]
+    words = [a for a in argv if not a.startswith("-")]
     return words[: len(name.split())] == name.split()
 
 
 def main(argv: list[str] | None = None) -> int:
-    if argv is not None:
-        sys.argv = ["bolt", *argv]
-    parser = build_parser()
-    args = parser.parse_args()
+    """`bolt ARGV...`; `argv` defaults to this process's command line. Returns the exit code."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
     if not getattr(args, "_module", None):
         parser.print_help()
         return 2
+    args._argv = argv  # the full command line, for commands that relaunch themselves under torchrun
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except UserError as exc:

@@ -10,44 +10,48 @@ import argparse
 import os
 import sys
 
+from megatron_bolt.config import EngineConfig, EStepConfig
 from megatron_bolt.errors import UserError
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    e, s = EngineConfig(), EStepConfig()
     parser.add_argument("--model", required=True, help="HF export directory of the current model")
     parser.add_argument("--chunks", required=True, help="chunk store (zarr) from preprocessing")
-    parser.add_argument("--engine", choices=["local", "sglang"], default="local",
+    parser.add_argument("--engine", choices=["local", "sglang"], default=e.engine,
                         help="local: transformers in this process; sglang: HTTP client of --server")
     parser.add_argument("--server", nargs="+", default=[], metavar="URL",
                         help="sglang engine: one router URL, or several server URLs (round robin)")
-    parser.add_argument("--concurrency", type=int, default=64, help="sglang engine: requests in flight")
-    parser.add_argument("--device", default=None, help="local engine: torch device (default cuda if available)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--concurrency", type=int, default=e.concurrency, help="sglang engine: requests in flight")
+    parser.add_argument("--device", default=e.device, help="local engine: torch device (default cuda if available)")
+    parser.add_argument("--threads", type=int, default=e.threads,
                         help="local engine: torch CPU threads (1 is fastest for small models on busy machines)")
-    parser.add_argument("--batch-rows", type=int, default=64,
+    parser.add_argument("--batch-rows", type=int, default=e.batch_rows,
                         help="local engine: (chunk, sample) rows decoded together (raise on a GPU)")
-    parser.add_argument("--prefix-chunks", type=int, default=3, help="previous chunks given as context (default 3)")
-    parser.add_argument("--max-latent-tokens", type=int, default=1024, help="cap on a latent's length (default 1024)")
-    parser.add_argument("--seed", type=int, default=0, help="run seed; same seed, same latents")
+    parser.add_argument("--context-length", type=int, default=None,
+                        help="truncate prompts and scored sequences to this many tokens, as the BoLT reference does "
+                             "(default: the engine's: max_position_embeddings, or what the SGLang server accepts)")
+    parser.add_argument("--prefix-chunks", type=int, default=s.prefix_chunks,
+                        help=f"previous chunks given as context (default {s.prefix_chunks})")
+    parser.add_argument("--max-latent-tokens", type=int, default=s.max_latent_tokens,
+                        help=f"cap on a latent's length (default {s.max_latent_tokens})")
+    parser.add_argument("--seed", type=int, default=s.seed, help="run seed; same seed, same latents")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def make_engine(args: argparse.Namespace):
-    if not os.path.isfile(os.path.join(args.model, "config.json")):
-        raise UserError(f"{args.model}: no config.json (expected an HF export directory)")
-    if args.engine == "sglang":
-        if not args.server:
-            raise UserError("--engine sglang needs --server URL [URL ...]")
-        from megatron_bolt.inference.sglang import SGLangEngine
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    if args.engine == "sglang" and not args.server:
+        raise UserError("--engine sglang needs --server URL [URL ...]")
+    return EngineConfig(engine=args.engine, server=list(args.server), concurrency=args.concurrency,
+                        device=args.device, threads=args.threads, batch_rows=args.batch_rows,
+                        context_length=args.context_length)
 
-        return SGLangEngine(args.server, concurrency=args.concurrency)
-    import torch
 
-    from megatron_bolt.inference.local import LocalEngine
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    return LocalEngine(args.model, device=args.device, max_batch_rows=args.batch_rows)
+def estep_config(args: argparse.Namespace, samples: int) -> EStepConfig:
+    cfg = EStepConfig(samples, args.prefix_chunks, args.max_latent_tokens, args.seed)
+    for key, message in cfg.problems():
+        raise UserError(f"--{key.replace('_', '-')}: {message}")
+    return cfg
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,20 +65,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_bolt.latents.estep import EStepSettings, open_or_create_store, parse_shard, run_estep
+    from megatron_bolt.latents.estep import open_engine, open_or_create_store, parse_shard, run_estep
     from megatron_bolt.stores.chunk_store import open_chunk_store
     from megatron_bolt.stores.latent_store import existing_block_size
 
-    if args.samples < 1:
-        raise UserError("--samples must be >= 1")
     shard = parse_shard(args.shard)
+    settings = estep_config(args, args.samples)
+    engine_cfg = engine_config(args)
     chunks = open_chunk_store(args.chunks)
-    settings = EStepSettings(args.samples, args.prefix_chunks, args.max_latent_tokens, args.seed)
     meta = {"engine": args.engine, "model": os.path.abspath(args.model), "chunks": str(args.chunks)}
     block_size = args.block_size or existing_block_size(args.out) or 256
-    store = open_or_create_store(args.out, chunks.num_chunks, settings, block_size, meta)
-    engine = make_engine(args)
+    engine = open_engine(args.model, engine_cfg)
     try:
+        store = open_or_create_store(args.out, chunks.num_chunks, settings, block_size, meta)
         totals = run_estep(engine, chunks, store, settings, shard, block_meta={"engine": args.engine},
                            progress=not args.quiet, max_blocks=args.max_blocks)
     finally:

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -43,7 +41,7 @@ def generate_file(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from megatron_bolt import runtime
-    from megatron_bolt.models.ponder_generate import generate
+    from megatron_bolt.models.generation import generate
     from megatron_bolt.training.score import load_for_inference
 
     prompts = read_prompts(args.input)
@@ -66,25 +64,14 @@ def generate_file(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from megatron_bolt.cli.ranks import relaunch_or_become_rank
     from megatron_bolt.cli.train import quiet_warnings
 
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be >= 1")
-    if "RANK" not in os.environ and args.nproc_per_node > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc_per_node}",
-               "-m", "megatron_bolt", "generate", "--ckpt", args.ckpt, "--input", args.input, "--output", args.output,
-               "--max-new-tokens", str(args.max_new_tokens), "--temperature", str(args.temperature),
-               "--seed", str(args.seed)]
-        if args.eos_id is not None:
-            cmd += ["--eos-id", str(args.eos_id)]
-        if args.jacobi_iters is not None:
-            cmd += ["--jacobi-iters", str(args.jacobi_iters)]
-        return subprocess.call(cmd)
-    if "RANK" not in os.environ:
-        from megatron_bolt.runtime import _free_port
-
-        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"})
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    code = relaunch_or_become_rank(args, args.nproc_per_node)
+    if code is not None:
+        return code
     quiet_warnings()
     from megatron_bolt import runtime
 

@@ -8,10 +8,10 @@ reference's uniform chunks. "chunk": the older per-chunk mean with --prefix-chun
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
-from megatron_bolt.cli.estep import add_engine_arguments, make_engine
+from megatron_bolt.atomic import atomic_write_json
+from megatron_bolt.cli.estep import add_engine_arguments, engine_config, estep_config
 from megatron_bolt.errors import UserError
 from megatron_bolt.stores.chunk_store import open_chunk_store
 
@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_bolt.latents.estep import EStepSettings, run_iwae
+    from megatron_bolt.latents.estep import open_engine, run_iwae
 
     try:
         ns = sorted({int(v) for v in args.samples.split(",") if v.strip()})
@@ -36,9 +36,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--samples {args.samples!r}: expected comma-separated integers") from None
     if not ns or ns[0] < 1:
         raise UserError("--samples values must be >= 1")
+    settings = estep_config(args, max(ns))
     chunks = open_chunk_store(args.chunks)
-    engine = make_engine(args)
-    settings = EStepSettings(max(ns), args.prefix_chunks, args.max_latent_tokens, args.seed)
+    engine = open_engine(args.model, engine_config(args))
     try:
         result = run_iwae(engine, chunks, ns, settings, args.max_chunks, progress=not args.quiet,
                           protocol=args.protocol, max_docs=args.max_docs)
@@ -54,8 +54,5 @@ def run(args: argparse.Namespace) -> int:
             print(f"iwae n={n}: {result['iwae_per_chunk'][str(n)]:.4f} nats/chunk, "
                   f"{result['iwae_per_token'][str(n)]:.4f} nats/token ({result['chunks']} chunks)")
     if args.json:
-        tmp = f"{args.json}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=2)
-        os.replace(tmp, args.json)
+        atomic_write_json(args.json, result)
     return 0

@@ -8,11 +8,10 @@ and trains. Otherwise it validates the config, then either trains in-process (N 
 from __future__ import annotations
 
 import argparse
-import os
-import subprocess
-import sys
+import signal
 import warnings
 
+from megatron_bolt.cli.ranks import relaunch_or_become_rank
 from megatron_bolt.config import load_config, validate
 
 
@@ -27,39 +26,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _under_launcher() -> bool:
-    return ("RANK" in os.environ and "WORLD_SIZE" in os.environ) or (
-        "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ and "SLURM_STEP_ID" in os.environ
-    )
-
-
 def run(args: argparse.Namespace) -> int:
+    from megatron_bolt import runtime
+
     cfg = load_config(args.config, args.overrides)
-    if _under_launcher():
-        quiet_warnings()
-        from megatron_bolt.training.loop import train
+    if not runtime.under_launcher():
+        nproc = args.nproc_per_node or 1
+        from megatron_bolt.models.gpt import check_requirements
 
-        train(cfg)
-        from megatron_bolt import runtime
+        check_requirements(cfg.model, cfg.parallel)  # what this machine lacks (TE for cp/fp8) comes first
+        validate(cfg, nproc)  # fail here, in one line, rather than in N ranks' tracebacks
+        from megatron_bolt.training.data import parse_blend  # imports megatron: only once the config is valid
 
-        runtime.shutdown()
-        return 0
-    nproc = args.nproc_per_node or 1
-    validate(cfg, nproc)  # fail here, in one line, rather than in N ranks' tracebacks
-    from megatron_bolt.training.data import parse_blend  # imports megatron: only once the config is valid
+        parse_blend(cfg.data.prefixes)
+        # The save-and-exit signals go to the training ranks themselves (see runtime.relaunch).
+        code = relaunch_or_become_rank(args, nproc, forward=[signal.SIGTERM, signal.Signals[cfg.train.exit_signal]])
+        if code is not None:
+            return code
+    quiet_warnings()
+    from megatron_bolt.training.loop import train
 
-    parse_blend(cfg.data.prefixes)
-    if nproc == 1:
-        from megatron_bolt.runtime import _free_port
-
-        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"})
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        return run(args)
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-        "-m", "megatron_bolt", "train", args.config, *args.overrides,
-    ]
-    return subprocess.call(cmd)
+    train(cfg)
+    runtime.shutdown()
+    return 0
 
 
 def quiet_warnings() -> None:

@@ -6,13 +6,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_bolt.config import OpenAITeacherConfig
 from megatron_bolt.errors import UserError
 from megatron_bolt.latents.teachers import (
-    DEFAULT_MAX_TOKENS,
     DEFAULT_MODEL,
-    DEFAULT_SYSTEM_PROMPT,
-    DEFAULT_TEMPERATURE,
 )
+
+_T = OpenAITeacherConfig()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,25 +41,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                     "else https://api.openai.com/v1)")
     g.add_argument("--model", default=None,
                    help=f"model name (default $OPENAI_MODEL, else {DEFAULT_MODEL}, the reference's teacher)")
-    g.add_argument("--api-key-env", default="OPENAI_API_KEY", metavar="VAR",
+    g.add_argument("--api-key-env", default=_T.api_key_env, metavar="VAR",
                    help="environment variable holding the API key, sent as Authorization: Bearer (default OPENAI_API_KEY)")
-    g.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
-                   help=f"sampling temperature (default {DEFAULT_TEMPERATURE}, as the reference's teacher)")
-    g.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
-                   help=f"max_tokens of each completion; 0 leaves it out (default {DEFAULT_MAX_TOKENS}, as the reference)")
-    g.add_argument("--concurrency", type=int, default=8, help="requests in flight (default 8); keep --block-size well above it, since a block's "
+    g.add_argument("--temperature", type=float, default=_T.temperature,
+                   help=f"sampling temperature (default {_T.temperature}, as the reference's teacher)")
+    g.add_argument("--max-tokens", type=int, default=_T.max_tokens,
+                   help=f"max_tokens of each completion; 0 leaves it out (default {_T.max_tokens}, as the reference)")
+    g.add_argument("--concurrency", type=int, default=_T.concurrency, help="requests in flight (default 8); keep --block-size well above it, since a block's "
                         "slowest requests hold up the next block")
     g.add_argument("--requests-per-minute", type=float, default=None, help="request starts per minute, spread evenly (default: no limit)")
-    g.add_argument("--max-retries", type=int, default=6,
+    g.add_argument("--max-retries", type=int, default=_T.max_retries,
                    help="retries per chunk on connection errors, timeouts, 5xx and 429 (default 6)")
-    g.add_argument("--retry-backoff", type=float, default=1.0, metavar="S",
+    g.add_argument("--retry-backoff", type=float, default=_T.retry_backoff, metavar="S",
                    help="first retry delay, doubled each retry up to 60 s; a Retry-After header takes precedence (default 1)")
-    g.add_argument("--timeout", type=float, default=120.0, metavar="S", help="per-request timeout (default 120)")
+    g.add_argument("--timeout", type=float, default=_T.timeout, metavar="S", help="per-request timeout (default 120)")
     g.add_argument("--prompt-file", default=None, metavar="F",
                    help="prompt template with {prefix} and {suffix} (default: the built-in warm-start prompt, the "
                         "reference's restated); an empty prefix is sent as N/A")
     g.add_argument("--system-prompt", default=None, metavar="TEXT",
                    help="system message sent before the prompt (default: the built-in one; '' sends none)")
+
+
+def teacher_config(args: argparse.Namespace) -> OpenAITeacherConfig:
+    return OpenAITeacherConfig(
+        base_url=args.base_url, model=args.model, api_key_env=args.api_key_env, temperature=args.temperature,
+        max_tokens=args.max_tokens or None, concurrency=args.concurrency,
+        requests_per_minute=args.requests_per_minute, max_retries=args.max_retries,
+        retry_backoff=args.retry_backoff, timeout=args.timeout, prompt_file=args.prompt_file,
+        system_prompt=args.system_prompt,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,13 +81,7 @@ def run(args: argparse.Namespace) -> int:
     shard = parse_shard(args.shard)
     if args.block_size is not None and args.block_size < 1:
         raise UserError("--block-size must be >= 1")
-    teacher = make_teacher(
-        args.teacher, base_url=args.base_url, model=args.model, api_key_env=args.api_key_env,
-        prompt_file=args.prompt_file, temperature=args.temperature, max_tokens=args.max_tokens or None,
-        system_prompt=DEFAULT_SYSTEM_PROMPT if args.system_prompt is None else args.system_prompt,
-        concurrency=args.concurrency, requests_per_minute=args.requests_per_minute,
-        max_retries=args.max_retries, timeout_s=args.timeout, backoff_s=args.retry_backoff,
-    )
+    teacher = make_teacher(args.teacher, teacher_config(args))
     try:
         summary = run_warmstart(
             args.chunks, args.out, teacher, tokenizer_path=args.tokenizer, prefix_chunks=args.prefix_chunks,

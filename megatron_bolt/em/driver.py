@@ -1,51 +1,62 @@
 """`bolt em CONFIG.yaml [key=value ...]`: the BoLT EM loop of method.md, end to end and resumable.
 
     data/        corpus (warm / rest / valid documents), tokenizer, raw .bin/.idx, chunk stores
-    raw/         (optional) baseline: the same documents without latents, the same training budget
     warmstart/   teacher latents for the warm documents -> merge -> train -> export -> eval, IWAE
     iter{n}/     E-step on the rest with iteration n-1's model (n = 1: the warm-start model) ->
-                 merge -> train on warm + rest latents -> export -> eval, IWAE
+                 merge -> train -> export -> eval, IWAE
     iter{N}_k{K}/  (ablation) the last iteration again with K samples per chunk
-    summary.json, accuracy.png, iwae.png
+    raw/         the raw baselines' data: the same documents without latents
+    raw_tokens/, raw_flops/   raw baselines, token- and FLOPs-matched to the latent run
+    plan.json, summary.json, accuracy.png, iwae.png   (em/plan.py, em/report.py)
 
-Every step is a `bolt` command run as a subprocess (its output goes to `<stage>/logs/<step>.log`)
-and leaves `<stage>/.done/<step>` when it succeeds; re-running the command skips finished steps and
-resumes the first unfinished one (training and the E-step resume inside themselves; steps whose
-outputs are not resumable are cleaned and redone).
+What each stage trains on, from which start and for how long is em/plan.py's plan (`bolt em
+--plan` prints it): by default the reference's protocol, every stage from the base model
+(`restart: base`), each iteration on its own E-step latents (`iteration_data: new`), every merge
+with as many epochs of fresh prior/posterior forms as its training reads (`merge.epochs: null`).
+
+Each step is a library call with typed options (preprocess, warmstart, estep, merge, eval, iwae),
+logged to `<stage>/logs/<step>.log` through the `megatron_bolt` logger. The two steps that need a
+process group of their own, training and the HF export, run as child processes through
+`runtime.relaunch`, their output going to the same log. A step that succeeds leaves
+`<stage>/.done/<step>`; re-running the command skips finished steps and resumes the first
+unfinished one (training and the E-step resume inside themselves; steps whose outputs are not
+resumable are cleaned and redone).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
+import logging
 import os
 import shutil
-import subprocess
-import sys
 import time
-from dataclasses import asdict
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from megatron_bolt.config import EMConfig
+import yaml
+
+from megatron_bolt import runtime
+from megatron_bolt.atomic import atomic_write_json, atomic_write_text
+from megatron_bolt.config import EMConfig, EStepConfig, RunConfig, load_config
+from megatron_bolt.data.merge import planned_train_tokens, read_summary
+from megatron_bolt.em import report
+from megatron_bolt.em.plan import (
+    Training,
+    corpus_of,
+    format_plan,
+    iteration_stages,
+    latent_trainings,
+    matched_run,
+    raw_share,
+    raw_trainings,
+    train_flops,
+)
 from megatron_bolt.errors import UserError
 
 TEXT_KEY = "text"
-# Commands that set up torch.distributed / Megatron's global state run in their own process; the
-# others run in this one, which saves a few seconds of imports per step.
-SUBPROCESS_COMMANDS = ("train", "convert")
-
-
-def _call_in_process(args: list[str], out) -> int:
-    from megatron_bolt.cli import main
-
-    argv = sys.argv
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            return main(args)
-    except SystemExit as exc:  # argparse errors
-        return int(exc.code or 0)
-    finally:
-        sys.argv = argv
+log = logging.getLogger(__name__)
 
 
 class Stage:
@@ -70,6 +81,29 @@ class Stage:
         return self.dir / "logs" / f"{step}.log"
 
 
+@contextlib.contextmanager
+def step_log(path: Path) -> Iterator[None]:
+    """Records of the `megatron_bolt` loggers go (also) to `path` while a step runs in this process."""
+    handler = logging.FileHandler(path, mode="a")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s: %(message)s", "%H:%M:%S"))
+    logger = logging.getLogger("megatron_bolt")
+    level = logger.level
+    logger.addHandler(handler)
+    if level == logging.NOTSET or level > logging.INFO:
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        handler.close()
+
+
+def _tail(path: Path, n: int = 8) -> str:
+    lines = [x for x in path.read_text(errors="replace").splitlines() if x.strip() and "\r" not in x]
+    return "\n".join("    " + x for x in lines[-n:])
+
+
 class EMDriver:
     def __init__(self, cfg: EMConfig):
         self.cfg = cfg
@@ -79,33 +113,49 @@ class EMDriver:
         self.repo = Path(__file__).resolve().parents[2]
 
     # ------------------------------------------------------------------ running steps
-    def bolt(self, stage: Stage, step: str, args: list[str], clean: tuple[Path, ...] = ()) -> str:
-        """Run `bolt <args>` once: skipped when marked done; returns the log's last line."""
-        log = stage.log(step)
+    def step(self, stage: Stage, step: str, fn: Callable[[], str], clean: tuple[Path, ...] = ()) -> None:
+        """Run `fn` (in this process; it returns a one-line summary) once: skipped when marked done."""
         if stage.done(step):
-            return ""
+            return
         for path in clean:
             shutil.rmtree(path, ignore_errors=True)
-        print(f"[em] {stage.name:<10} {step:<10} ... (log: {log})", flush=True)
+        path = stage.log(step)
+        print(f"[em] {stage.name:<10} {step:<10} ... (log: {path})", flush=True)
         start = time.perf_counter()
-        with open(log, "a") as out:
-            out.write(f"$ bolt {' '.join(args)}\n")
-            out.flush()
-            if args[0] in SUBPROCESS_COMMANDS:
-                code = subprocess.call([sys.executable, "-m", "megatron_bolt", *args], stdout=out, stderr=subprocess.STDOUT)
-            else:
-                code = _call_in_process(args, out)
-        lines = [x for x in log.read_text(errors="replace").splitlines() if x.strip() and "\r" not in x]
-        if code != 0:
-            tail = "\n".join("    " + x for x in lines[-8:])
-            raise UserError(f"{stage.name}/{step} failed with exit code {code}; last lines of {log}:\n{tail}")
+        with step_log(path):
+            log.info("%s/%s: start", stage.name, step)
+            try:
+                summary = fn()
+            except Exception as exc:
+                log.exception("%s/%s failed", stage.name, step)
+                if isinstance(exc, UserError):
+                    raise UserError(f"{stage.name}/{step} failed: {exc} (log: {path})") from None
+                raise
+            log.info("%s/%s: %s", stage.name, step, summary)
         stage.mark(step)
-        last = lines[-1] if lines else ""
-        print(f"[em] {stage.name:<10} {step:<10} done in {time.perf_counter() - start:5.1f}s | {last[:110]}", flush=True)
-        return last
+        print(f"[em] {stage.name:<10} {step:<10} done in {time.perf_counter() - start:5.1f}s | {summary[:110]}",
+              flush=True)
+
+    def launch(self, stage: Stage, step: str, argv: list[str], nproc: int = 1, clean: tuple[Path, ...] = ()) -> None:
+        """Run `bolt <argv>` as `nproc` child ranks (runtime.relaunch), output to the step's log."""
+
+        def child() -> str:
+            path = stage.log(step)
+            with open(path, "a") as out:
+                out.write(f"$ bolt {' '.join(argv)}\n")
+                out.flush()
+                code = runtime.relaunch(argv, nproc, log=out)
+            if code != 0:
+                raise UserError(f"exit code {code}; last lines of the log:\n{_tail(path)}")
+            lines = _tail(path, 1).strip()
+            return lines
+
+        self.step(stage, step, child, clean)
 
     # ------------------------------------------------------------------ data
     def prepare(self) -> None:
+        from megatron_bolt.data.preprocess import PreprocessConfig, preprocess
+
         stage = Stage(self.root, "data")
         if stage.done("prepare"):
             return
@@ -127,19 +177,31 @@ class EMDriver:
         if c.tokenizer:
             tokenizer = c.tokenizer
         else:
-            all_files = [f for files in inputs.values() for f in files]
-            self.bolt(stage, "tokenizer", ["tokenizer", "train", "--input", *all_files, "--vocab-size",
-                                           str(c.tokenizer_vocab_size), "--out", str(self.tokenizer_dir)],
-                      clean=(self.tokenizer_dir,))
+            from megatron_bolt.tokenizer import train_bpe_tokenizer
+
+            files = [f for group in inputs.values() for f in group]
+
+            def train_tokenizer() -> str:
+                tok = train_bpe_tokenizer(files, c.tokenizer_vocab_size, str(self.tokenizer_dir), key=key)
+                return f"wrote {self.tokenizer_dir} (vocab {tok.vocab_size})"
+
+            self.step(stage, "tokenizer", train_tokenizer, clean=(self.tokenizer_dir,))
             tokenizer = str(self.tokenizer_dir)
         for name, files in inputs.items():
-            self.bolt(stage, f"preprocess-{name}", [
-                "preprocess", "--input", *files, "--json-keys", key, "--output-prefix", str(self.data / name),
-                "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer,
-                "--chunk-store", str(self.data / f"{name}_chunks.zarr"), "--no-progress",
-                "--chunk-poisson-mean", str(c.chunk_poisson_mean),
-            ], clean=(self.data / f"{name}_chunks.zarr",))
-        (self.data / "tokenizer_path").write_text(tokenizer)
+            pcfg = PreprocessConfig(
+                inputs=files, output_prefix=str(self.data / name), tokenizer_model=tokenizer,
+                tokenizer_type="HuggingFaceTokenizer", json_keys=[key], chunk_store=self.chunks(name),
+                progress=False, chunk_poisson_mean=c.chunk_poisson_mean,
+            )
+
+            def run_preprocess(pcfg: PreprocessConfig = pcfg) -> str:
+                result = preprocess(pcfg)
+                for line in result.skipped_lines():
+                    log.warning(line.strip())
+                return f"{result.summary()}; dtype {result.dtype}"
+
+            self.step(stage, f"preprocess-{name}", run_preprocess, clean=(Path(self.chunks(name)),))
+        atomic_write_text(self.data / "tokenizer_path", tokenizer)
         stage.mark("prepare")
 
     @property
@@ -150,15 +212,38 @@ class EMDriver:
         return str(self.data / f"{name}_chunks.zarr")
 
     # ------------------------------------------------------------------ the pieces of a stage
-    def merge(self, stage: Stage, chunks: str, latents: Path | None, prefix: Path) -> None:
+    def merge(self, dataset: str, min_tokens: int) -> None:
+        """Merge one dataset of the plan ("stage/name", see `dataset_sources`) with as many epochs
+        as `min_tokens` training tokens read (or `merge.epochs` when set)."""
+        from megatron_bolt.data.merge import merge_latents
+
         m = self.cfg.merge
-        args = ["merge", "--chunks", chunks, "--output-prefix", str(prefix), "--epochs", str(m.epochs),
-                "--posterior-prob", str(m.posterior_prob), "--raw-mix", str(m.raw_mix),
-                "--empty-latents", m.empty_latents,
-                "--seed", str(self.cfg.seed), "--quiet"]
-        if latents is not None:
-            args += ["--latents", str(latents)]
-        self.bolt(stage, f"merge-{prefix.name}", args)
+        stage_name, name = dataset.split("/")
+        chunks, latents = self.dataset_sources(dataset)
+        prefix = self.prefix(dataset)
+
+        def run_merge() -> str:
+            return merge_latents(
+                chunks, latents, str(prefix), epochs=m.epochs, min_tokens=None if m.epochs else min_tokens,
+                posterior_prob=m.posterior_prob, raw_mix=m.raw_mix, seed=self.cfg.seed,
+                empty_latents=m.empty_latents, progress=False,
+            ).format()
+
+        self.step(Stage(self.root, stage_name), f"merge-{name}", run_merge)
+
+    def prefix(self, dataset: str) -> Path:
+        """Where a merged dataset of the plan lives: `stage/name` -> output_dir/stage/data/name."""
+        stage_name, name = dataset.split("/")
+        return self.root / stage_name / "data" / name
+
+    def dataset_sources(self, dataset: str) -> tuple[str, str | None]:
+        """(chunk store, latent store or None) of a merged dataset of the plan."""
+        stage_name, name = dataset.split("/")
+        corpus = corpus_of(dataset)
+        if stage_name == "raw":
+            return self.chunks(corpus), None
+        latents = Stage(self.root, "warmstart" if corpus == "warm" else stage_name).latents
+        return self.chunks(corpus), str(latents)
 
     @property
     def train_config_path(self) -> str:
@@ -167,62 +252,120 @@ class EMDriver:
             config = str(self.repo / config)
         return config
 
-    @property
-    def base_steps(self) -> int:
-        from megatron_bolt.config import load_config
+    def run_configs(self) -> tuple[RunConfig, RunConfig]:
+        """(the iterations' and baselines' training config, the warm start's): train_config with
+        train_overrides, and for the warm start warmstart.train_overrides and .train_steps on top.
+        The vocabulary is the tokenizer's once the data is prepared."""
+        w = self.cfg.warmstart
+        warm_extra = [*w.train_overrides, *([f"train.steps={w.train_steps}"] if w.train_steps else [])]
+        base = load_config(self.train_config_path, self.cfg.train_overrides)
+        warm = load_config(self.train_config_path, [*self.cfg.train_overrides, *warm_extra])
+        if (self.data / "tokenizer_path").exists():
+            from megatron_bolt.tokenizer import load_tokenizer
 
-        return load_config(self.train_config_path, self.cfg.train_overrides).train.steps
+            base.model.vocab_size = warm.model.vocab_size = load_tokenizer(self.tokenizer).vocab_size
+        return base, warm
 
-    @property
-    def warm_steps(self) -> int:
-        return self.cfg.warmstart.train_steps or self.base_steps
+    def plan(self) -> list[Training]:
+        """Every training of the run (em/plan.py). The token-matched raw baseline appears once the
+        data of the run it matches is merged (its budget depends on the raw share of that data)."""
+        base, warm = self.run_configs()
+        trainings = latent_trainings(self.cfg, base, warm)
+        matched = matched_run(self.cfg, trainings)
+        models = {t.stage: (warm if t.stage == "warmstart" else base).model for t in trainings}
+        return trainings + raw_trainings(self.cfg, matched, models, base, self.raw_shares(matched))
 
-    def train(self, stage: Stage, prefixes: list[Path], start: Stage | None, steps: int | None = None) -> None:
-        """Train on the blend of `prefixes`, from `start`'s weights (or train_config's start), for
-        `steps` steps (None: train_config's)."""
-        from megatron_bolt.tokenizer import load_tokenizer
+    def raw_shares(self, matched: list[Training]) -> dict[str, float] | None:
+        from megatron_bolt.data.merge import summary_path
 
-        config = self.train_config_path
-        blend = []
-        for p in prefixes:  # Megatron blend weights: each dataset in proportion to its size
-            blend += [os.path.getsize(f"{p}_text_document.bin"), f"{p}_text_document"]
-        overrides = [
-            f"output_dir={stage.dir / 'train'}", f"checkpoint.dir={stage.checkpoints}",
-            f"data.prefixes={json.dumps(blend)}", "data.split=100,0,0",
-            f"data.cache_dir={stage.dir / 'train' / 'data_cache'}",
-            f"model.vocab_size={load_tokenizer(self.tokenizer).vocab_size}",
-        ]
-        if start is not None:  # restart = continue: weights of the previous model, fresh optimizer
-            overrides += [f"checkpoint.load={start.checkpoints}", "checkpoint.finetune=true"]
-        if steps is not None:
-            overrides.append(f"train.steps={steps}")
-        self.bolt(stage, "train", ["train", config, *self.cfg.train_overrides, *overrides,
-                                   "--nproc-per-node", str(self.cfg.nproc_per_node)])
+        if not all(Path(summary_path(self.prefix(d))).exists() for t in matched for d in t.data):
+            return None
+        return {t.stage: raw_share([read_summary(self.prefix(d)) for d in t.data]) for t in matched}
+
+    def plan_table(self) -> str:
+        base, warm = self.run_configs()
+        trainings = self.plan()
+        flops = {t.stage: train_flops((warm if t.stage == "warmstart" else base).model, t.tokens) for t in trainings}
+        lines = [format_plan(trainings, flops)]
+        if "tokens" in self.cfg.raw_baselines and not any(t.stage == "raw_tokens" for t in trainings):
+            lines.append("raw_tokens: planned once the data of the run it matches is merged (its raw share)")
+        return "\n".join(lines)
+
+    def write_plan(self, trainings: list[Training]) -> None:
+        base, warm = self.run_configs()
+        rows = [{**dataclasses.asdict(t), "tokens": t.tokens,
+                 "train_flops": train_flops((warm if t.stage == "warmstart" else base).model, t.tokens)}
+                for t in trainings]
+        atomic_write_json(self.root / "plan.json", {"trainings": rows})
+
+    def prepare_data(self, t: Training, trainings: list[Training]) -> None:
+        """Merge the datasets `t` trains on, each with the epochs of the longest training using it."""
+        for d in t.data:
+            need = max(planned_train_tokens(u.steps, u.global_batch, u.seq_len) for u in trainings if d in u.data)
+            self.merge(d, need)
+
+    def train(self, t: Training) -> None:
+        """Train one run of the plan: the blend of its merged datasets (weights: tokens per epoch, so
+        every document is read equally often), from its start, for its steps. The resolved run
+        config is written to `<stage>/train/config.yaml` and trained by `bolt train` in child ranks."""
+        stage = Stage(self.root, t.stage)
+        if stage.done("train"):
+            return
+        base, warm = self.run_configs()
+        cfg = warm if t.stage == "warmstart" else base
+        blend: list = []
+        for d in t.data:
+            s = read_summary(self.prefix(d))
+            blend += [s.tokens / s.epochs, f"{self.prefix(d)}_text_document"]
+        cfg.output_dir = str(stage.dir / "train")
+        cfg.checkpoint.dir = str(stage.checkpoints)
+        cfg.data.prefixes = blend
+        cfg.data.split = "100,0,0"
+        cfg.data.cache_dir = str(stage.dir / "train" / "data_cache")
+        cfg.train.steps = t.steps
+        if t.start is not None:  # restart = continue: weights of the previous model, fresh optimizer
+            cfg.checkpoint.load = str(Stage(self.root, t.start).checkpoints)
+            cfg.checkpoint.finetune = True
+        config = stage.dir / "train" / "config.yaml"
+        atomic_write_text(config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        self.launch(stage, "train", ["train", str(config), "--nproc-per-node", str(self.cfg.nproc_per_node)],
+                    nproc=self.cfg.nproc_per_node)
 
     def export(self, stage: Stage) -> None:
-        self.bolt(stage, "export", ["convert", "mcore-to-hf", "--ckpt", str(stage.checkpoints), "--out",
-                                    str(stage.hf), "--tokenizer", self.tokenizer], clean=(stage.hf,))
+        self.launch(stage, "export", ["convert", "mcore-to-hf", "--ckpt", str(stage.checkpoints), "--out",
+                                      str(stage.hf), "--tokenizer", self.tokenizer], clean=(stage.hf,))
 
     def evaluate(self, stage: Stage, fmt: str) -> None:
+        from megatron_bolt.evaluation.evaluate import evaluate, summary_line
+
         e = self.cfg.eval
-        args = ["eval", "--model", str(stage.hf), "--task", e.task, "--format", fmt,
-                "--out", str(stage.dir / "eval"), "--max-new-tokens", str(e.max_new_tokens)]
-        if e.shots is not None:
-            args += ["--shots", str(e.shots)]
-        if e.data:
-            args += ["--data", e.data]
-        if e.limit:
-            args += ["--limit", str(e.limit)]
-        self.bolt(stage, "eval", args, clean=(stage.dir / "eval",))
+
+        def run_eval() -> str:
+            result = evaluate(str(stage.hf), e.task, e.data, shots=e.shots, limit=e.limit or None,
+                              out_dir=str(stage.dir / "eval"), fmt=fmt, max_new_tokens=e.max_new_tokens)
+            return summary_line(result)
+
+        self.step(stage, "eval", run_eval, clean=(stage.dir / "eval",))
 
     def iwae(self, stage: Stage) -> None:
-        s = self.cfg.estep
-        self.bolt(stage, "iwae", [
-            "iwae", "--model", str(stage.hf), "--chunks", self.chunks("valid"),
-            "--samples", ",".join(str(n) for n in self.cfg.iwae_samples), "--prefix-chunks", str(s.prefix_chunks),
-            "--max-latent-tokens", str(s.max_latent_tokens), "--seed", str(self.cfg.seed), "--quiet",
-            "--json", str(stage.dir / "iwae.json"), *s.args,
-        ])
+        from megatron_bolt.latents.estep import open_engine, run_iwae
+        from megatron_bolt.stores.chunk_store import open_chunk_store
+
+        ns = sorted(set(self.cfg.iwae_samples))
+        settings = dataclasses.replace(self.cfg.estep, samples=max(ns), seed=self.cfg.seed)
+
+        def run() -> str:
+            chunks = open_chunk_store(self.chunks("valid"))
+            engine = open_engine(str(stage.hf), self.cfg.engine)
+            try:
+                result = run_iwae(engine, chunks, ns, settings, progress=False)
+            finally:
+                engine.close()
+            result["model"] = os.path.abspath(stage.hf)
+            atomic_write_json(stage.dir / "iwae.json", result)
+            return ", ".join(f"n={n} {result['iwae_per_chunk'][str(n)]:.4f}" for n in ns) + " nats/chunk"
+
+        self.step(stage, "iwae", run)
 
     def finish(self, stage: Stage, fmt: str = "latent") -> None:
         self.export(stage)
@@ -230,50 +373,95 @@ class EMDriver:
         if fmt == "latent":
             self.iwae(stage)
 
+    def warm_start(self, warm: Stage) -> None:
+        from megatron_bolt.latents.teachers import make_teacher
+        from megatron_bolt.latents.warmstart import run_warmstart
+        from megatron_bolt.stores.latent_store import existing_block_size
+
+        w = self.cfg.warmstart
+
+        def run() -> str:
+            teacher = make_teacher(w.teacher, w.openai)
+            try:
+                return run_warmstart(
+                    self.chunks("warm"), str(warm.latents), teacher, tokenizer_path=self.tokenizer,
+                    prefix_chunks=w.prefix_chunks, block_size=existing_block_size(str(warm.latents)) or 256,
+                    progress=False,
+                ).line()
+            finally:
+                teacher.close()
+
+        self.step(warm, "teacher", run)
+
+    def estep(self, it: Stage, previous: Stage, settings: EStepConfig) -> None:
+        from megatron_bolt.latents.estep import open_engine, open_or_create_store, run_estep
+        from megatron_bolt.stores.chunk_store import open_chunk_store
+        from megatron_bolt.stores.latent_store import existing_block_size
+
+        def run() -> str:
+            chunks = open_chunk_store(self.chunks("rest"))
+            meta = {"engine": self.cfg.engine.engine, "model": os.path.abspath(previous.hf),
+                    "chunks": self.chunks("rest")}
+            engine = open_engine(str(previous.hf), self.cfg.engine)
+            try:
+                store = open_or_create_store(str(it.latents), chunks.num_chunks, settings,
+                                             existing_block_size(str(it.latents)) or 256, meta)
+                totals = run_estep(engine, chunks, store, settings, block_meta={"engine": self.cfg.engine.engine},
+                                   progress=False)
+            finally:
+                engine.close()
+            log.info("%s", store.status())
+            return totals.line()
+
+        self.step(it, "estep", run)
+
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
+        """The loop in the reference's order: warm start, the iterations (each E-step with the model
+        before it), then the raw baselines, whose budgets match the finished latent run."""
         cfg = self.cfg
         self.root.mkdir(parents=True, exist_ok=True)
         self.record_config()
         self.prepare()
+        trainings = {t.stage: t for t in self.plan() if not t.stage.startswith("raw_")}
+        latent = list(trainings.values())
         stages: list[tuple[str, Stage]] = []
-        if cfg.raw_baseline:
-            raw = Stage(self.root, "raw")
-            self.merge(raw, self.chunks("warm"), None, raw.dir / "data" / "warm")
-            self.merge(raw, self.chunks("rest"), None, raw.dir / "data" / "rest")
-            # Equal compute: with restart=continue the last model has trained warm start + every iteration.
-            steps = self.warm_steps + cfg.iterations * self.base_steps if cfg.restart == "continue" else None
-            self.train(raw, [raw.dir / "data" / "warm", raw.dir / "data" / "rest"], None, steps)
-            self.finish(raw, fmt="raw")
-            stages.append(("raw", raw))
 
         warm = Stage(self.root, "warmstart")
-        w = cfg.warmstart
-        self.bolt(warm, "teacher", [
-            "warmstart", "--chunks", self.chunks("warm"), "--out", str(warm.latents), "--teacher", w.teacher,
-            "--tokenizer", self.tokenizer, "--prefix-chunks", str(w.prefix_chunks), *w.args,
-        ])
-        self.merge(warm, self.chunks("warm"), warm.latents, warm.merged)
-        self.train(warm, [warm.merged], None, w.train_steps)
+        self.warm_start(warm)
+        self.prepare_data(trainings["warmstart"], latent)
+        self.train(trainings["warmstart"])
         self.finish(warm)
         stages.append(("warmstart", warm))
 
-        previous = warm
-        for n in range(1, cfg.iterations + 1):
-            it = Stage(self.root, f"iter{n}")
-            self.iteration(it, previous, warm, cfg.estep.samples, n)
-            stages.append((f"iter{n} (K={cfg.estep.samples})", it))
-            if n == cfg.iterations:
-                for k in cfg.ablation_samples:
-                    ab = Stage(self.root, f"iter{n}_k{k}")
-                    self.iteration(ab, previous, warm, k, n)
-                    stages.append((f"iter{n} (K={k})", ab))
-            previous = it
-        return self.summarize(stages)
+        for name, n, k in iteration_stages(cfg):
+            it = Stage(self.root, name)
+            previous = Stage(self.root, "warmstart" if n == 1 else f"iter{n - 1}")
+            self.estep(it, previous, dataclasses.replace(cfg.estep, samples=k, seed=1000 * cfg.seed + n))
+            self.prepare_data(trainings[name], latent)
+            self.train(trainings[name])
+            self.finish(it)
+            stages.append((f"iter{n} (K={k})", it))
+
+        plan = self.plan()  # now with the token-matched budget: the matched run's data is merged
+        raw = [t for t in plan if t.stage.startswith("raw_")]
+        raw_stages = []
+        for t in raw:
+            self.prepare_data(t, raw)
+            self.train(t)
+            stage = Stage(self.root, t.stage)
+            self.finish(stage, fmt="raw")
+            raw_stages.append(({"raw_tokens": "raw (tokens)", "raw_flops": "raw (FLOPs)"}[t.stage], stage))
+        stages = raw_stages + stages
+        self.write_plan(plan)
+        summary = report.write_report(self.root, cfg.eval.task, [(label, s.name, s.dir) for label, s in stages],
+                                      cfg.iwae_samples)
+        print(report.format_table(summary["rows"], cfg.iwae_samples), flush=True)
+        return summary
 
     def record_config(self) -> None:
         """Keep the config the run started with; on resume, say which keys changed since."""
-        path, now = self.root / "em_config.json", asdict(self.cfg)
+        path, now = self.root / "em_config.json", dataclasses.asdict(self.cfg)
         if path.exists():
             before = json.loads(path.read_text())
             changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
@@ -281,84 +469,4 @@ class EMDriver:
                 print(f"[em] note: {', '.join(changed)} changed since this run started ({path}); finished steps "
                       "are kept as they are", flush=True)
             return
-        path.write_text(json.dumps(now, indent=2))
-
-    def iteration(self, it: Stage, previous: Stage, warm: Stage, samples: int, n: int) -> None:
-        s = self.cfg.estep
-        self.bolt(it, "estep", [
-            "estep", "--model", str(previous.hf), "--chunks", self.chunks("rest"), "--out", str(it.latents),
-            "--samples", str(samples), "--prefix-chunks", str(s.prefix_chunks),
-            "--max-latent-tokens", str(s.max_latent_tokens), "--seed", str(1000 * self.cfg.seed + n), "--quiet",
-            *s.args,
-        ])
-        self.merge(it, self.chunks("rest"), it.latents, it.merged)
-        self.train(it, [warm.merged, it.merged], previous if self.cfg.restart == "continue" else None)
-        self.finish(it)
-
-    # ------------------------------------------------------------------ results
-    def summarize(self, stages: list[tuple[str, Stage]]) -> dict:
-        rows = []
-        for label, stage in stages:
-            acc = _read_json(stage.dir / "eval" / "accuracy.json")
-            iwae = _read_json(stage.dir / "iwae.json")
-            metrics = stage.dir / "train" / "metrics.jsonl"
-            last = json.loads(metrics.read_text().splitlines()[-1]) if metrics.exists() else {}
-            rows.append({
-                "method": label, "stage": stage.name, "accuracy": acc.get("accuracy"), "correct": acc.get("correct"),
-                "n": acc.get("n"), "iwae_per_chunk": iwae.get("iwae_per_chunk"),
-                "iwae_per_token": iwae.get("iwae_per_token"), "final_train_loss": last.get("loss"),
-            })
-        summary = {"output_dir": str(self.root), "task": self.cfg.eval.task, "rows": rows}
-        tmp = self.root / "summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2))
-        tmp.replace(self.root / "summary.json")
-        print(format_table(rows, self.cfg.iwae_samples))
-        plot(rows, self.root, self.cfg.iwae_samples)
-        return summary
-
-
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def format_table(rows: list[dict], ns: list[int]) -> str:
-    head = f"{'method':<18} {'accuracy':>9} " + " ".join(f"{'IWAE n=' + str(n):>11}" for n in ns)
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        acc = "" if r["accuracy"] is None else f"{r['accuracy']:.3f}"
-        iw = r["iwae_per_chunk"] or {}
-        cells = " ".join(f"{iw[str(n)]:>11.2f}" if str(n) in iw else f"{'-':>11}" for n in ns)
-        lines.append(f"{r['method']:<18} {acc:>9} {cells}")
-    lines.append("IWAE: nats per validation chunk (higher is better); accuracy: few-shot, greedy, latent space "
-                 "(raw baseline: plain few-shot).")
-    return "\n".join(lines)
-
-
-def plot(rows: list[dict], out: Path, ns: list[int]) -> None:
-    """accuracy.png and iwae.png: one point per stage, in order."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [r["method"] for r in rows]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    ax.plot(range(len(rows)), [r["accuracy"] or 0.0 for r in rows], marker="o")
-    ax.set_xticks(range(len(rows)), labels, rotation=20, ha="right")
-    ax.set_ylabel("accuracy")
-    ax.set_title("BoLT EM: evaluation accuracy per stage")
-    fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=100)
-    plt.close(fig)
-    latent_rows = [(i, r) for i, r in enumerate(rows) if r["iwae_per_chunk"]]
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    for n in ns:
-        ax.plot([i for i, _ in latent_rows], [r["iwae_per_chunk"][str(n)] for _, r in latent_rows], marker="o",
-                label=f"n={n}")
-    ax.set_xticks([i for i, _ in latent_rows], [r["method"] for _, r in latent_rows], rotation=20, ha="right")
-    ax.set_ylabel("IWAE bound (nats / chunk)")
-    ax.set_title("BoLT EM: IWAE bound on validation chunks")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "iwae.png", dpi=100)
-    plt.close(fig)
+        atomic_write_json(path, now)

@@ -157,7 +157,9 @@ def evaluate(
     stops = LAYOUTS[task].stops
 
     # Checked on the config before the weights load, so that these errors come fast and alone.
-    config = AutoConfig.from_pretrained(model_dir)
+    from megatron_bolt.models.hf_ponder import is_ponder_export
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=is_ponder_export(model_dir))
     top = max(max(p) for p in prompts)
     if top >= config.vocab_size:
         raise UserError(f"{model_dir}: token id {top} of the tokenizer is outside the model's vocabulary "

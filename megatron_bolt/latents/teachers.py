@@ -25,6 +25,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from pathlib import Path
 
+from megatron_bolt.config import OpenAITeacherConfig, check_section
 from megatron_bolt.errors import UserError
 
 # The warm-start request of the BoLT reference (ryoungj/BoLT configs/gen/gpt_latent_thoughts.yaml,
@@ -344,31 +345,27 @@ class OpenAITeacher(Teacher):
         return [f.result() for f in futures]
 
 
-def make_teacher(
-    kind: str,
-    base_url: str | None = None,
-    model: str | None = None,
-    api_key_env: str = "OPENAI_API_KEY",
-    prompt_file: str | None = None,
-    **openai_kwargs,
-) -> Teacher:
+def make_teacher(kind: str, openai: OpenAITeacherConfig | None = None) -> Teacher:
     """A teacher by name; the openai one reads OPENAI_BASE_URL (default OpenAI's own), OPENAI_MODEL
     (default DEFAULT_MODEL, the reference's pinned gpt-4o-mini) and the key variable from the
-    environment where the arguments are not given."""
+    environment where the config leaves them out."""
     if kind == "toy":
         return ToyTeacher()
     if kind == "openai":
-        key = os.environ.get(api_key_env, "")
+        o = openai or OpenAITeacherConfig()
+        check_section(o, "warmstart.openai.")
+        key = os.environ.get(o.api_key_env, "")
         if not key:
-            raise UserError(f"openai teacher: no API key: environment variable {api_key_env} is not set "
+            raise UserError(f"openai teacher: no API key: environment variable {o.api_key_env} is not set "
                             f"(set it, or name another variable with --api-key-env)")
-        template = load_prompt_template(prompt_file) if prompt_file else DEFAULT_PROMPT
+        template = load_prompt_template(o.prompt_file) if o.prompt_file else DEFAULT_PROMPT
         return OpenAITeacher(
-            base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL,
-            model or os.environ.get("OPENAI_MODEL") or DEFAULT_MODEL,
+            o.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL,
+            o.model or os.environ.get("OPENAI_MODEL") or DEFAULT_MODEL,
             key,
-            prompt_template=template,
-            **openai_kwargs,
+            temperature=o.temperature, max_tokens=o.max_tokens or None, concurrency=o.concurrency,
+            requests_per_minute=o.requests_per_minute, max_retries=o.max_retries, timeout_s=o.timeout,
+            prompt_template=template, backoff_s=o.retry_backoff,
+            system_prompt=DEFAULT_SYSTEM_PROMPT if o.system_prompt is None else o.system_prompt,
         )
     raise UserError(f"unknown teacher {kind!r} (choose toy or openai)")
-

@@ -20,8 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from megatron_bolt.config import EStepConfig
 from megatron_bolt.errors import UserError
-from megatron_bolt.latents.estep import EStepSettings, open_or_create_store, shard_blocks
+from megatron_bolt.latents.estep import open_or_create_store, shard_blocks
 from megatron_bolt.latents.teachers import Teacher, TeacherError
 from megatron_bolt.stores.chunk_store import open_chunk_store
 from megatron_bolt.tokenizer import BoltTokenizer, load_tokenizer
@@ -94,7 +95,7 @@ def run_warmstart(
     tok = corpus_tokenizer(chunks, tokenizer_path)
     specials = np.asarray(sorted(set(chunks.special_tokens.values())), dtype=np.int32)
     # K=1 and no sampling of our own: max_latent_tokens / seed do not apply (recorded as 0).
-    settings = EStepSettings(samples=1, prefix_chunks=prefix_chunks, max_latent_tokens=0, seed=0)
+    settings = EStepConfig(samples=1, prefix_chunks=prefix_chunks, max_latent_tokens=0, seed=0)
     meta = {"engine": f"teacher:{teacher.name}", "model": teacher.model, "chunks": str(chunks_path),
             "tokenizer": tok.name}
     store = open_or_create_store(out_path, chunks.num_chunks, settings, block_size, meta)
