@@ -129,6 +129,8 @@ class LocalEngine(Engine):
         ).to(self.device).eval()
         self.model_dir = model_dir
         self.vocab_size = int(self.model.config.vocab_size)
+        # cache entries per token: 1, or K+1 for a ponder export (a token and its K latent slots)
+        self.cache_slots_per_token = int(getattr(self.model.config, "latents_per_token", 0) or 0) + 1
         self.max_batch_rows = max_batch_rows
         # Bounds the (rows x kept positions x vocab) logits tensor of one scoring forward.
         self.max_logit_elements = max_logit_elements
@@ -316,7 +318,7 @@ class LocalEngine(Engine):
             keep = max(len(p) - s for p, s in zip(prompts, starts) if s is not None)
             keep = max(1, min(keep, width))
         steps = max(max_new) if max_new else 0
-        cache = preallocated_cache(width + max(steps, 1))
+        cache = preallocated_cache((width + max(steps, 1)) * self.cache_slots_per_token)
         out = self.model(
             input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=keep
         )
