@@ -296,7 +296,9 @@ class EMDriver:
         rows = [{**dataclasses.asdict(t), "tokens": t.tokens,
                  "train_flops": train_flops((warm if t.stage == "warmstart" else base).model, t.tokens)}
                 for t in trainings]
-        atomic_write_json(self.root / "plan.json", {"trainings": rows})
+        path, plan = self.root / "plan.json", json.loads(json.dumps({"trainings": rows}))
+        if not path.exists() or json.loads(path.read_text()) != plan:  # a finished run's rerun writes nothing
+            atomic_write_json(path, plan)
 
     def prepare_data(self, t: Training, trainings: list[Training]) -> None:
         """Merge the datasets `t` trains on, each with the epochs of the longest training using it."""

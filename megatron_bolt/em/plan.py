@@ -86,16 +86,11 @@ def raw_data(matched: list[Training]) -> tuple[str, ...]:
 
 
 def train_flops(model: ModelConfig, tokens: int) -> float:
-    """Training FLOPs of `tokens` tokens: 3x the forward's matmuls (forward + backward), the
-    forward being 2 FLOPs per weight of the dense layers and the output layer plus causal
-    attention's scores and values (2 * seq_len * hidden per layer and token, half of the square).
-    The estimate of Kaplan et al. (6N per token) with the attention term of Megatron-LM's
-    `num_floating_point_operations`. Embedding lookups cost nothing."""
-    d, kv = model.hidden_size, model.kv_heads * (model.hidden_size // model.num_attention_heads)
-    per_layer = 2 * d * d + 2 * d * kv + 3 * d * model.ffn  # q, o; k, v; SwiGLU up, gate, down
-    weights = model.num_layers * per_layer + d * model.vocab_size
-    forward = 2 * weights + 2 * model.num_layers * model.seq_len * d
-    return 3.0 * forward * tokens
+    """Training FLOPs of `tokens` tokens (training.flops, Megatron-LM's count), over the real
+    vocabulary: the raw and latent runs share the model, so only the ratio matters here."""
+    from megatron_bolt.training.flops import llama_flops_per_step
+
+    return llama_flops_per_step(model, tokens / model.seq_len, model.vocab_size)
 
 
 def flops_matched_steps(matched: list[Training], models: dict[str, ModelConfig], raw: RunConfig) -> int:
