@@ -8,7 +8,6 @@ import os
 import numpy as np
 import pytest
 
-from megatron_bolt.stores import chunk_store as cs
 from megatron_bolt.data.chunking import (
     MAX_SENTENCES_PER_CHUNK,
     chunk_char_boundaries,
@@ -17,6 +16,7 @@ from megatron_bolt.data.chunking import (
     sentences_per_chunk,
     split_chunks,
 )
+from megatron_bolt.stores import chunk_store as cs
 from megatron_bolt.stores.chunk_store import ChunkStore, ChunkStoreWriter, write_chunk_store
 from megatron_bolt.tokenizer import load_tokenizer, train_bpe_tokenizer
 

@@ -17,8 +17,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from megatron_bolt.cli import main as bolt_main
-from megatron_bolt.inference.local import LocalEngine
 from megatron_bolt.config import EStepConfig
+from megatron_bolt.inference.local import LocalEngine
 from megatron_bolt.latents.estep import (
     iwae_bounds,
     open_or_create_store,

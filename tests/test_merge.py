@@ -11,7 +11,8 @@ import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_bolt.cli import main as bolt_main
-from megatron_bolt.data.merge import merge_latents, output_paths
+from megatron_bolt.data.indexed import document_paths
+from megatron_bolt.data.merge import merge_latents
 from megatron_bolt.errors import UserError
 from megatron_bolt.stores.chunk_store import ChunkStore, write_chunk_store
 from megatron_bolt.stores.latent_store import LatentStore
@@ -132,9 +133,9 @@ def test_merge_structure_order_share_and_determinism(tmp_path):
     # byte-identical for a fixed seed, whatever the window size; different for another seed
     merge_latents(chunks_path, latents_path, tmp_path / "again", epochs=epochs, seed=5, window_tokens=37, progress=False)
     merge_latents(chunks_path, latents_path, tmp_path / "other", epochs=epochs, seed=6, progress=False)
-    for a, b in zip(output_paths(tmp_path / "out" / "ltm"), output_paths(tmp_path / "again")):
+    for a, b in zip(document_paths(tmp_path / "out" / "ltm"), document_paths(tmp_path / "again")):
         assert Path(a).read_bytes() == Path(b).read_bytes()
-    assert Path(output_paths(tmp_path / "other")[0]).read_bytes() != Path(output_paths(tmp_path / "again")[0]).read_bytes()
+    assert Path(document_paths(tmp_path / "other")[0]).read_bytes() != Path(document_paths(tmp_path / "again")[0]).read_bytes()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ltm_text_document.bin", "ltm_text_document.idx"]
 
 

@@ -21,7 +21,8 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_bolt.cli import main as bolt_main
 from megatron_bolt.errors import UserError
-from megatron_bolt.latents.teachers import DEFAULT_PROMPT, OpenAITeacher, _retry_after
+from megatron_bolt.http_retry import retry_after as _retry_after
+from megatron_bolt.latents.teachers import DEFAULT_PROMPT, OpenAITeacher
 from megatron_bolt.latents.warmstart import run_warmstart
 from megatron_bolt.stores.chunk_store import ChunkStore
 from megatron_bolt.stores.latent_store import LatentStore

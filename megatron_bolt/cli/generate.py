@@ -10,10 +10,9 @@ With N > 1 (or under torchrun) the model runs tensor-parallel over N ranks.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
+from megatron_bolt.atomic import atomic_write_jsonl
 from megatron_bolt.errors import UserError
 
 
@@ -56,10 +55,7 @@ def generate_file(args: argparse.Namespace) -> int:
                        args.jacobi_iters)
         results.append({"prompt": prompt, "generated": new})
     if runtime.is_main():
-        out = Path(args.output)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in results))
-        tmp.replace(out)
+        atomic_write_jsonl(args.output, results)
     return len(results)
 
 

@@ -13,10 +13,10 @@ lose their oldest tokens (counted in the result as `truncated_prompts`).
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
+from megatron_bolt.atomic import atomic_write_text
 from megatron_bolt.data.formats import (
     STOP_STRING,
     encode_pieces,
@@ -90,10 +90,7 @@ def _select_items(task, data, shots, limit, exemplars, seed) -> tuple[list[Item]
     return shot_items, scored, info
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+_write_atomic = atomic_write_text
 
 
 def _check_args(task, fmt, shots, limit, max_new_tokens, batch_size, model_dir) -> None:

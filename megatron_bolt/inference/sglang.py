@@ -17,14 +17,12 @@
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import requests
-
+from megatron_bolt.http_retry import RetriesExhausted, RetryingHTTP, Transient
 from megatron_bolt.inference.base import Engine, Sample, per_prompt_seeds, sample_seed
 
 log = logging.getLogger(__name__)
@@ -32,10 +30,6 @@ log = logging.getLogger(__name__)
 
 class EngineError(RuntimeError):
     """A request could not be completed (bad request, or every retry failed)."""
-
-
-class _Retryable(Exception):
-    pass
 
 
 class ServerPool:
@@ -94,43 +88,32 @@ class SGLangEngine(Engine):
     ) -> None:
         self.pool = ServerPool([urls] if isinstance(urls, str) else list(urls), failure_threshold, cooldown_s)
         self.timeout_s, self.retries = timeout_s, retries
-        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        self.http = RetryingHTTP(retries, backoff_s, max_backoff_s)
         self.executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="sglang-client")
-        self._local = threading.local()
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     # ---------------------------------------------------------------------------------- transport
-    def _session(self) -> requests.Session:
-        s = getattr(self._local, "session", None)
-        if s is None:
-            s = self._local.session = requests.Session()
-        return s
-
     def _post(self, payload: dict) -> dict:
-        delay = self.backoff_s
-        last = "no attempt"
-        for attempt in range(self.retries + 1):
+        def attempt(_: int) -> dict:
             url = self.pool.pick()
             try:
-                r = self._session().post(f"{url}/generate", json=payload, timeout=self.timeout_s)
-                if r.status_code >= 500:
-                    raise _Retryable(f"HTTP {r.status_code}: {r.text[:200]}")
+                r = self.http.post_json(f"{url}/generate", payload, self.timeout_s)
                 if r.status_code != 200:
                     raise EngineError(f"{url}/generate: HTTP {r.status_code}: {r.text[:500]}")
                 body = r.json()
-                self.pool.ok(url)
-                return body
-            except (requests.ConnectionError, requests.Timeout, _Retryable, ValueError) as exc:
+            except (Transient, ValueError) as exc:
                 # ValueError: a truncated/garbled body from a dying server is worth a retry too.
                 self.pool.failed(url)
-                last = f"{url}: {type(exc).__name__}: {exc}"
-                if attempt == self.retries:
-                    break
-                time.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, self.max_backoff_s)
-        raise EngineError(f"/generate failed after {self.retries + 1} attempts; last error {last}")
+                raise Transient(f"{url}: {type(exc).__name__}: {exc}") from None
+            self.pool.ok(url)
+            return body
+
+        try:
+            return self.http.retry(attempt)
+        except RetriesExhausted as exc:
+            raise EngineError(f"/generate failed after {exc.attempts} attempts; last error {exc.last}") from None
 
     def _map(self, fn, jobs: list) -> list:
         return list(self.executor.map(fn, jobs))

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import yaml
 from megatron.core import dist_checkpointing
 
+from megatron_bolt.atomic import atomic_write_text
 from megatron_bolt.config import RunConfig, _build
 from megatron_bolt.errors import UserError
 
@@ -136,7 +137,4 @@ def load_checkpoint(
     return int(common.get("step", step)), common.get("extra", {}) or {}
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+_atomic_write = atomic_write_text
