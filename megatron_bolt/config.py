@@ -94,6 +94,13 @@ class DataConfig:
     cache_dir: str | None = None  # default: output_dir/data_cache
     eod_id: int = 0  # used only for reset masks; packing is plain causal (method.md)
     num_workers: int = 0
+    # Megatron's --mock-data: no files, synthetic token sequences generated in-process
+    # (megatron.core.datasets.gpt_dataset.MockGPTDataset), for trying a config or a cluster.
+    mock: bool = False
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        if self.mock and self.prefixes:
+            yield "mock", "mock data reads no files: give data.prefixes or data.mock=true, not both"
 
 
 @dataclass

@@ -4,13 +4,13 @@ and TP=2, latent tokens, and the TinyLlama-1.1B shape dry check on meta tensors.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import scrubbed_env
 from safetensors.torch import load_file
 
 from megatron_bolt.convert import llama
@@ -231,8 +231,7 @@ def test_bolt_score_matches_transformers(tmp_path, tp):
     vocab = json.loads((hf / "config.json").read_text())["vocab_size"]
     seqs = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (2, 7, 33, 64)]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"tokens": s}) + "\n" for s in seqs))
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
-    env["OMP_NUM_THREADS"] = "1"
+    env = scrubbed_env()
     proc = subprocess.run(
         [sys.executable, "-m", "megatron_bolt", "score", "--ckpt", str(tmp_path / "ckpt"), "--input",
          str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"), "--nproc-per-node", str(tp)],
@@ -301,8 +300,7 @@ def test_converted_checkpoint_loads_at_pp2(tmp_path):
     convert_hf_to_mcore(hf, tmp_path / "ckpt", pp=2, log=lambda *a: None)
     script = tmp_path / "pp_check.py"
     script.write_text(_PP_CHECK)
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = scrubbed_env(PYTHONPATH=str(REPO))
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
          str(tmp_path / "ckpt"), str(hf)],

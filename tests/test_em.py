@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, bolt
+from conftest import REPO, bolt, scrubbed_env
 
 MICRO_TRAIN = """
 model: {num_layers: 2, hidden_size: 32, num_attention_heads: 2, ffn_hidden_size: 64, seq_len: 128}
@@ -96,9 +96,7 @@ def test_resume_after_kills_equals_uninterrupted(uninterrupted, tmp_path):
     """SIGKILL the whole process group while given steps run, re-run each time: same results."""
     cfg = micro_config(tmp_path, raw_baseline="false", ablation_samples="[]")
     run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = scrubbed_env()
     # (step, seconds after its log appears): short in-process steps are killed at once, the
     # subprocess steps (training, export) well inside their run.
     kill_points = [("data/preprocess-rest", 0.0), ("warmstart/train", 3.0), ("iter1/estep", 0.3),

@@ -55,14 +55,18 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, synthetic_prefix):
     out = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
     env.pop("RANK", None)
+    # Its own process group, killed whole as a scheduler or Ctrl-C would: Megatron's checkpoint
+    # writer keeps a multiprocessing Manager server (a spawned child with a socket) that a kill of
+    # the trainer alone would leave running.
     proc = subprocess.Popen([sys.executable, "-m", "megatron_bolt", "train", *common, f"output_dir={out}"],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
     deadline = time.time() + 300
     while time.time() < deadline:
         if (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 5:
             break
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_at = len((out / "metrics.jsonl").read_text().splitlines())
     assert killed_at < 8, "the run finished before it could be killed"

@@ -61,14 +61,12 @@ def generate_file(args: argparse.Namespace) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from megatron_bolt.cli.ranks import relaunch_or_become_rank
-    from megatron_bolt.cli.train import quiet_warnings
 
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be >= 1")
     code = relaunch_or_become_rank(args, args.nproc_per_node)
     if code is not None:
         return code
-    quiet_warnings()
     from megatron_bolt import runtime
 
     n = generate_file(args)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from megatron.core import parallel_state
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
 from megatron_bolt.config import RunConfig
 from megatron_bolt.errors import UserError
@@ -51,11 +51,11 @@ def parse_blend(prefixes: list) -> tuple[list[str], list[float] | None]:
 
 def build_datasets(cfg: RunConfig, num_samples: tuple[int, int, int]):
     """(train, valid, test) GPTDatasets with at least the given numbers of samples."""
-    paths, weights = parse_blend(cfg.data.prefixes)
+    mock = cfg.data.mock  # no blend: Megatron generates MockGPTDataset sequences
     dataset_config = GPTDatasetConfig(
         random_seed=cfg.train.seed,
         sequence_length=cfg.model.seq_len,
-        blend=(paths, weights),
+        blend=None if mock else parse_blend(cfg.data.prefixes),
         split=cfg.data.split,
         path_to_cache=cfg.data.cache_dir or str(Path(cfg.output_dir) / "data_cache"),
         tokenizer=_DatasetTokenizer(eod=cfg.data.eod_id, vocab_size=cfg.model.vocab_size),
@@ -66,7 +66,7 @@ def build_datasets(cfg: RunConfig, num_samples: tuple[int, int, int]):
         mmap_bin_files=True,
     )
     builder = BlendedMegatronDatasetBuilder(
-        GPTDataset, list(num_samples), lambda: True, dataset_config
+        MockGPTDataset if mock else GPTDataset, list(num_samples), lambda: True, dataset_config
     )
     return builder.build()
 
