@@ -152,7 +152,7 @@ def test_add_latent_tokens_extends_vocab_and_tokenizer(tmp_path):
     assert [hf_tok.token_to_id(t) for t in LATENT_TOKENS] == ids
 
 
-def test_bad_inputs_are_one_line_errors(tmp_path):
+def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     hf = make_hf_model(tmp_path / "m", **CASES["mha_tied_odd_vocab"])
     with pytest.raises(UserError, match="parallel.tp \\(3\\) must divide"):
         convert_hf_to_mcore(hf, tmp_path / "c1", tp=3, log=lambda *a: None)
@@ -163,12 +163,10 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         convert_hf_to_mcore(hf, tmp_path / "c2", log=lambda *a: None)
     with pytest.raises(UserError, match="no config.json"):
         convert_hf_to_mcore(tmp_path, tmp_path / "c3", log=lambda *a: None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "megatron_bolt", "convert", "mcore-to-hf", "--ckpt", str(tmp_path), "--out",
-         str(tmp_path / "x")],
-        capture_output=True, text=True, cwd=REPO, timeout=120,
-    )
-    assert proc.returncode == 2 and "not a megatron-bolt checkpoint" in proc.stderr.strip().splitlines()[-1]
+    from megatron_bolt.cli import main  # in-process: the same parser and error path as `bolt convert`
+
+    assert main(["convert", "mcore-to-hf", "--ckpt", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "not a megatron-bolt checkpoint" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def test_tinyllama_shapes_dry_check_on_meta():
@@ -221,6 +219,7 @@ def _hf_summed_logprobs(hf: Path, seqs: list[list[int]]) -> list[float]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp", [1, 2])
 def test_bolt_score_matches_transformers(tmp_path, tp):
     hf = make_hf_model(tmp_path / f"score_tp{tp}", **CASES["gqa_untied_odd_vocab" if tp == 1 else "mha_tied_odd_vocab"])
@@ -294,6 +293,7 @@ runtime.shutdown()
 '''
 
 
+@pytest.mark.slow
 def test_converted_checkpoint_loads_at_pp2(tmp_path):
     """The step-0 checkpoint reshards on load: two pipeline stages each get exactly their layers."""
     hf = make_hf_model(tmp_path / "pp", **CASES["gqa_untied_odd_vocab"])

@@ -50,6 +50,7 @@ def uninterrupted(tmp_path_factory) -> Path:
     return tmp / "run"
 
 
+@pytest.mark.slow
 def test_full_loop_with_baseline_and_ablation(tmp_path):
     bolt("em", *micro_config(tmp_path, ablation_samples="[1]", **{"warmstart.train_steps": 6}), timeout=900)
     run = tmp_path / "run"
@@ -82,6 +83,7 @@ def test_full_loop_with_baseline_and_ablation(tmp_path):
     assert not specials & set(np.concatenate([raw[i] for i in range(len(raw))]).tolist())
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_loop_does_nothing(uninterrupted, tmp_path):
     before = {p: p.stat().st_mtime_ns for p in uninterrupted.rglob("*") if p.is_file() and "summary" not in p.name
               and p.suffix != ".png"}
@@ -92,6 +94,7 @@ def test_rerun_of_a_finished_loop_does_nothing(uninterrupted, tmp_path):
     assert before == after
 
 
+@pytest.mark.slow
 def test_resume_after_kills_equals_uninterrupted(uninterrupted, tmp_path):
     """SIGKILL the whole process group while given steps run, re-run each time: same results."""
     cfg = micro_config(tmp_path, raw_baseline="false", ablation_samples="[]")
@@ -135,14 +138,17 @@ def test_resume_after_kills_equals_uninterrupted(uninterrupted, tmp_path):
         assert preds == (uninterrupted / stage / "eval" / "predictions.jsonl").read_text()
 
 
-def test_bad_em_config_is_one_line(tmp_path):
-    proc = bolt("em", *micro_config(tmp_path, **{"estep.sampels": 3}), check=False)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
+def test_bad_em_config_is_one_line(tmp_path, capsys):
+    from megatron_bolt.cli import main  # in-process: the same parser and checks as `bolt em`
+
+    assert main(["em", *micro_config(tmp_path, **{"estep.sampels": 3})]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         "bolt em: error: unknown config key 'estep.sampels' (valid: max_latent_tokens, prefix_chunks, samples, seed)"
     ]
-    proc = bolt("em", *micro_config(tmp_path, restart="sometimes"), check=False)
-    assert proc.returncode == 2 and "restart" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-    for key, value in (("warmstart.train_steps", 0), ("corpus.chunk_poisson_mean", -1)):
-        proc = bolt("em", *micro_config(tmp_path, **{key: value}), check=False)
-        assert proc.returncode == 2 and key in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    for key, value in (("restart", "sometimes"), ("warmstart.train_steps", 0), ("corpus.chunk_poisson_mean", -1),
+                       ("engine.engine", "sglang"), ("merge.empty_latents", "drop"), ("estep.seed", 1)):
+        assert main(["em", *micro_config(tmp_path, **{key: value})]) == 2
+        err = capsys.readouterr().err
+        assert f"config key '{key.replace('engine.engine', 'engine.server')}'" in err, err
+        assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()  # nothing started

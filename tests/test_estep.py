@@ -140,6 +140,7 @@ def test_shard_layout_does_not_change_results(setup):
     assert_same_store(whole, sharded)
 
 
+@pytest.mark.slow
 def test_kill9_resume_equals_uninterrupted(tmp_path):
     model_dir = tiny_model(tmp_path / "hf")
     docs = make_docs(seed=1, n_docs=8)

@@ -219,6 +219,7 @@ def test_toy_grader():
 
 
 # ------------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_bolt_eval_end_to_end(trained_dir, tmp_path):
     data = tmp_path / "toy.jsonl"
     write_jsonl(data, make_eval_items(32, 5, SMALL_WORLD))
@@ -241,6 +242,7 @@ def test_bolt_eval_end_to_end(trained_dir, tmp_path):
     assert not list(out.glob("*.tmp*"))
 
 
+@pytest.mark.slow
 def test_evaluate_latent_generated_toy(trained_dir, tmp_path):
     res = evaluate(trained_dir, "toy", None, shots=3, limit=12, out_dir=str(tmp_path), max_new_tokens=48, batch_size=5)
     rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]

@@ -17,6 +17,8 @@ from conftest import tiny_llama as tiny_model
 from megatron_bolt.inference.local import LocalEngine
 from megatron_bolt.inference.sglang import SGLangEngine
 
+pytestmark = pytest.mark.slow  # a real sglang-router in front of two `bolt serve` processes
+
 STOP = [3, 17, 29]
 
 

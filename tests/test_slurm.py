@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, TINY_CONFIG, bolt, free_port, scrubbed_env
 
+pytestmark = pytest.mark.slow  # a real SLURM controller on loopback
+
 CLUSTER = REPO / "slurm" / "testing" / "local_cluster.sh"
 EM = REPO / "slurm" / "em.sh"
 STEPS, SAVE_INTERVAL = 80, 10

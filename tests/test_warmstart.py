@@ -248,6 +248,7 @@ def expected_latents(corpus, template: str, tok) -> list[str]:
             for texts in chunk_texts(corpus) for j, x in enumerate(texts)]
 
 
+@pytest.mark.slow
 def test_openai_teacher_over_http_with_faults(corpus, tmp_path):
     prompt_file = tmp_path / "prompt.txt"
     prompt_file.write_text(TEMPLATE)
@@ -281,6 +282,7 @@ def test_openai_teacher_over_http_with_faults(corpus, tmp_path):
     assert KEY not in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_resume_after_failure_redoes_no_block(corpus, tmp_path):
     tok = load_tokenizer(corpus["tokenizer"])
     num_chunks = ChunkStore.open(corpus["chunks"]).num_chunks
@@ -318,6 +320,7 @@ def test_resume_after_failure_redoes_no_block(corpus, tmp_path):
     assert "SUFFIX:\n" in server.log[0]["prompt"]
 
 
+@pytest.mark.slow
 def test_resume_after_kill(corpus, tmp_path):
     """SIGKILL part-way through a block: the re-run redoes only unfinished blocks, and the store
     ends up as an uninterrupted run's."""

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         validate(cfg, nproc)  # fail here, in one line, rather than in N ranks' tracebacks
         from megatron_bolt.training.data import parse_blend  # imports megatron: only once the config is valid
 
-        if not cfg.data.mock:
+        if not cfg.data.uses_mock:
             parse_blend(cfg.data.prefixes)
         code = relaunch_or_become_rank(args, nproc)
         if code is not None:

@@ -34,7 +34,7 @@ class _DatasetTokenizer:
 def parse_blend(prefixes: list) -> tuple[list[str], list[float] | None]:
     """`[p]`, `[p1, p2]` or Megatron's `[w1, p1, w2, p2]` -> (paths, weights)."""
     if not prefixes:
-        raise UserError("data.prefixes is empty: give at least one Megatron dataset prefix")
+        raise UserError("data.prefixes is empty: give at least one Megatron dataset prefix (or data.mock=true)")
     if all(isinstance(p, str) for p in prefixes):
         paths, weights = [str(p) for p in prefixes], None
     elif len(prefixes) % 2 == 0 and all(isinstance(w, (int, float)) for w in prefixes[0::2]):
@@ -51,7 +51,7 @@ def parse_blend(prefixes: list) -> tuple[list[str], list[float] | None]:
 
 def build_datasets(cfg: RunConfig, num_samples: tuple[int, int, int]):
     """(train, valid, test) GPTDatasets with at least the given numbers of samples."""
-    mock = cfg.data.mock  # no blend: Megatron generates MockGPTDataset sequences
+    mock = cfg.data.uses_mock  # no blend: Megatron generates MockGPTDataset sequences
     dataset_config = GPTDatasetConfig(
         random_seed=cfg.train.seed,
         sequence_length=cfg.model.seq_len,
