@@ -8,7 +8,9 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
-# torch is installed first and pinned: an unpinned torch would pull a multi-GB CUDA build.
+# torch is installed first and pinned here, not in setup.cfg (which takes torch>=2.6, so that
+# `pip install -e .` in a GPU container keeps its CUDA torch): unpinned, pip would pull a
+# multi-GB CUDA build onto a CPU machine.
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -69,13 +70,19 @@ def train_tokenizer(corpus: Path, out: Path, vocab_size: int) -> None:
                     "--vocab-size", str(vocab_size), "--out", str(out)], check=True, cwd=ROOT)
 
 
-def timed(cmd: list[str], env: dict) -> tuple[float, str]:
+def timed(cmd: list[str], env: dict) -> tuple[float, str, float]:
+    """(wall seconds, stderr, CPU seconds of the command and the processes it waited for)."""
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True)
     wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return wall, proc.stderr
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, proc.stderr, cpu
 
 
 def bolt_cmd(corpus: Path, prefix: Path, tokenizer: Path, workers: int, extra: list[str]) -> list[str]:
@@ -88,6 +95,12 @@ def megatron_cmd(mlm: Path, corpus: Path, prefix: Path, tokenizer: Path, workers
     return [sys.executable, str(mlm / "tools" / "preprocess_data.py"), "--input", str(corpus), "--output-prefix",
             str(prefix), "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(tokenizer),
             "--append-eod", "--workers", str(workers), "--log-interval", "100000000"]
+
+
+def in_run_rate(stderr: str) -> float | None:
+    """tokens/s that `bolt preprocess` reports for its own run (after imports and tokenizer load)."""
+    m = re.search(r"^preprocess: .*?, ([\d.]+) tokens/s\)", stderr, re.MULTILINE)
+    return float(m.group(1)) if m else None
 
 
 def count_tokens(prefix: Path) -> int:
@@ -146,12 +159,16 @@ def main() -> int:
 
     def run(tool: str, workers: int, cmd_for) -> Path:
         prefix = work / f"{tool.replace(' ', '_')}_w{workers}"
-        startup, _ = timed(cmd_for(tiny, work / f"startup_{tool.replace(' ', '_')}_w{workers}"), env_for(tool))
-        wall, _ = timed(cmd_for(corpus, prefix), env_for(tool))
+        startup, _, startup_cpu = timed(cmd_for(tiny, work / f"startup_{tool.replace(' ', '_')}_w{workers}"),
+                                        env_for(tool))
+        wall, err, cpu = timed(cmd_for(corpus, prefix), env_for(tool))
         tokens = count_tokens(Path(f"{prefix}_text_document"))
-        rows.append((tool, workers, wall, startup, tokens))
+        rate = in_run_rate(err)
+        per_cpu = tokens / max(cpu - startup_cpu, 1e-9)  # robust to other users' load on a shared machine
+        rows.append((tool, workers, wall, startup, tokens, rate, per_cpu))
         print(f"  {tool:<22} workers={workers}  wall {wall:6.1f}s  startup {startup:5.1f}s  "
-              f"{tokens / wall:>10,.0f} tok/s  {tokens / max(wall - startup, 1e-9):>10,.0f} tok/s excl. startup",
+              f"{tokens / wall:>10,.0f} tok/s  {tokens / max(wall - startup, 1e-9):>10,.0f} tok/s excl. startup  "
+              f"{per_cpu:>10,.0f} tok/CPU-s excl. startup" + (f"  {rate:>10,.0f} tok/s in-run" if rate else ""),
               flush=True)
         return Path(f"{prefix}_text_document")
 
@@ -174,15 +191,24 @@ def main() -> int:
             run("bolt + chunk store", w,
                 lambda c, p, w=w: bolt_cmd(c, p, tokenizer, w, ["--chunk-store", f"{p}.zarr"]))
 
-    print("\n| tool | workers | wall s | tokens/s | tokens/s excl. start-up |")
-    print("|---|---|---|---|---|")
-    for tool, w, wall, startup, tokens in rows:
-        print(f"| {tool} | {w} | {wall:.1f} | {tokens / wall:,.0f} | {tokens / max(wall - startup, 1e-9):,.0f} |")
+    print("\n| tool | workers | wall s | tokens/s | tokens/s excl. start-up | in-run tokens/s (bolt's own) "
+          "| tokens per CPU-second excl. start-up |")
+    print("|---|---|---|---|---|---|---|")
+    for tool, w, wall, startup, tokens, rate, per_cpu in rows:
+        print(f"| {tool} | {w} | {wall:.1f} | {tokens / wall:,.0f} | {tokens / max(wall - startup, 1e-9):,.0f} | "
+              f"{f'{rate:,.0f}' if rate else '-'} | {per_cpu:,.0f} |")
+    by_tool = {(t, w): (r, c) for t, w, _, _, _, r, c in rows}
+    for w in args.workers:
+        plain, chunked = by_tool.get(("bolt preprocess", w)), by_tool.get(("bolt + chunk store", w))
+        if plain and chunked:
+            ratios = [f"{c / p:.2f}x" if c and p else "-" for c, p in zip(chunked, plain)]
+            print(f"workers={w}: the chunk-store path runs at {ratios[0]} plain preprocessing's in-run tokens/s "
+                  f"and {ratios[1]} its tokens per CPU-second")
     if mlm_reason:
         print(f"\nMegatron-LM not compared: {mlm_reason}")
     for w, same in identical.items():
         print(f"workers={w}: outputs byte-identical to Megatron-LM's: {same}")
-        by = {t: (wall, startup, tokens) for t, ww, wall, startup, tokens in rows if ww == w}
+        by = {t: (wall, startup, tokens) for t, ww, wall, startup, tokens, _, _ in rows if ww == w}
         if "megatron-lm" in by:
             (bw, bs, _), (mw, ms, _) = by["bolt preprocess"], by["megatron-lm"]
             print(f"workers={w}: speed-up {mw / bw:.2f}x end to end, {(mw - ms) / max(bw - bs, 1e-9):.2f}x "

@@ -7,13 +7,16 @@ of SLURM_NODELIST, so sbatch scripts never hand-edit host names.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import random
 import re
+import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import IO
 
@@ -95,13 +98,16 @@ def launch_command(argv: list[str], nproc: int = 1) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *bolt]
 
 
-def relaunch(argv: list[str], nproc: int = 1, log: IO[str] | None = None, env: dict[str, str] | None = None) -> int:
+def relaunch(argv: list[str], nproc: int = 1, log: IO[str] | None = None, env: dict[str, str] | None = None,
+             forward_signals: Iterable[signal.Signals] = ()) -> int:
     """Run `bolt <argv>` as `nproc` local ranks and wait; returns the exit code.
 
     The one way a command gets processes of its own: `bolt train/score/generate --nproc-per-node N`
     hand their own full argv here (under torchrun the flag is ignored, every other flag arrives as
     typed), and the EM driver runs its training and conversion steps through it. With `log`, the
-    children's stdout and stderr go to that file."""
+    children's stdout and stderr go to that file. `forward_signals` received here are passed to the
+    ranks themselves, not to torchrun (which would tear its workers down on SIGTERM and die of
+    SIGUSR1), so a save-and-exit signal reaches the training loop."""
     child_env = dict(os.environ if env is None else env)
     if nproc <= 1:
         child_env.update(single_rank_env())
@@ -109,7 +115,22 @@ def relaunch(argv: list[str], nproc: int = 1, log: IO[str] | None = None, env: d
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
             child_env.pop(key, None)
     out = {"stdout": log, "stderr": subprocess.STDOUT} if log is not None else {}
-    return subprocess.call(launch_command(argv, nproc), env=child_env, **out)
+    proc = subprocess.Popen(launch_command(argv, nproc), env=child_env, **out)
+
+    def forward(signum, frame):
+        import psutil
+
+        targets = psutil.Process(proc.pid).children() if nproc > 1 else [proc]
+        for child in targets:  # under torchrun: the ranks, not their helpers
+            with contextlib.suppress(psutil.Error, ProcessLookupError):
+                child.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in set(forward_signals)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _free_port() -> int:
@@ -124,8 +145,21 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_min: int = 30) -> DistEnv:
-    """Start torch.distributed (NCCL on GPU, gloo on CPU) and Megatron-Core's TP/PP/DP groups."""
+def init_distributed(
+    tp: int = 1,
+    pp: int = 1,
+    seed: int = 1234,
+    timeout_min: int = 30,
+    vp: int | None = None,
+    gloo_process_groups: bool = True,
+    cp: int = 1,
+) -> DistEnv:
+    """Start torch.distributed (NCCL on GPU, gloo on CPU) and Megatron-Core's TP/PP/CP/DP groups.
+
+    Only the backend and the device depend on CUDA; the parallel state is created with the same
+    arguments either way (`gloo_process_groups` is Megatron-LM's --disable-gloo-process-groups,
+    and must be the flag the optimizer is built with: megatron_bolt.training.settings).
+    """
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import random as mp_random
 
@@ -148,7 +182,9 @@ def init_distributed(tp: int = 1, pp: int = 1, seed: int = 1234, timeout_min: in
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
-            create_gloo_process_groups=not use_cuda,
+            context_parallel_size=cp,
+            virtual_pipeline_model_parallel_size=vp,
+            create_gloo_process_groups=gloo_process_groups,
         )
     set_seed(seed)
     if use_cuda:

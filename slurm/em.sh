@@ -3,7 +3,7 @@
 #
 #   slurm/em.sh --run-dir DIR --config TRAIN.yaml --start-ckpt CKPT --chunks CHUNKS.zarr \
 #       --samples K [--tokenizer DIR] [--iterations N] [--first-iteration I] [--shards S] [--extra-data W:PREFIX ...]
-#       [--merge-args "..."] [--estep-args "..."] [--dry-run] [-- key=value ...]
+#       [--base-ckpt CKPT] [--merge-args "..."] [--estep-args "..."] [--dry-run] [-- key=value ...]
 #
 # Iteration n, each job in DIR/iter<n>/ (logs in DIR/logs/):
 #   export  bolt convert mcore-to-hf of the previous checkpoint    (afterok: previous train)
@@ -12,7 +12,9 @@
 #   stop    scancel --batch --signal=USR2 FLEET: the fleet exits 0 (afterany: estep)
 #   merge   bolt merge of the chosen latents                       (afterok: estep)
 #   train   slurm/train.sbatch CONFIG with the merged data,        (afterok: merge)
-#           starting from the previous weights (checkpoint.load, checkpoint.finetune=true)
+#           starting from the previous weights (checkpoint.load, checkpoint.finetune=true), or with
+#           --base-ckpt from CKPT every time (the paper: each iteration restarts from the base model)
+# The E-step of iteration n always uses the model of iteration n-1 (n = first: --start-ckpt).
 # --tokenizer is copied into each export (default: the checkpoint's own tokenizer/ directory).
 # Relative paths are relative to DIR. Job ids are printed as `name id`; --dry-run prints the sbatch
 # commands instead (ids shown as <name>). Extra sbatch options per kind of job come from the
@@ -24,7 +26,7 @@ die() { echo "error: em.sh: $*" >&2; exit 2; }
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }
 
 SLURM_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-run_dir= config= start_ckpt= chunks= samples= tokenizer= iterations=1 first=1 shards=8 dry=0
+run_dir= config= start_ckpt= base_ckpt= chunks= samples= tokenizer= iterations=1 first=1 shards=8 dry=0
 merge_args= estep_args=
 extra=()
 overrides=()
@@ -33,6 +35,7 @@ while [[ $# -gt 0 ]]; do
         --run-dir) run_dir=$2; shift 2 ;;
         --config) config=$2; shift 2 ;;
         --start-ckpt) start_ckpt=$2; shift 2 ;;
+        --base-ckpt) base_ckpt=$2; shift 2 ;;
         --chunks) chunks=$2; shift 2 ;;
         --samples) samples=$2; shift 2 ;;
         --tokenizer) tokenizer=$2; shift 2 ;;
@@ -64,6 +67,8 @@ cd "$run_dir"  # relative paths below are relative to the run directory, as insi
 [[ -e $chunks ]] || die "chunk store not found: $chunks (relative to $run_dir)"
 [[ $dry -eq 1 || -e $start_ckpt/latest_checkpointed_iteration.txt ]] ||
     die "no checkpoint in $start_ckpt (latest_checkpointed_iteration.txt missing)"
+[[ $dry -eq 1 || -z $base_ckpt || -e $base_ckpt/latest_checkpointed_iteration.txt ]] ||
+    die "no checkpoint in --base-ckpt $base_ckpt (latest_checkpointed_iteration.txt missing)"
 [[ $dry -eq 1 ]] || mkdir -p logs
 
 export BOLT_SLURM_DIR=$SLURM_DIR RUN_DIR=$run_dir
@@ -130,7 +135,7 @@ for ((n = first; n < first + iterations; n++)); do
     if [[ -n $blend ]]; then blend="[${blend}1,\"$it/data/ltm_text_document\"]"; else blend="[\"$it/data/ltm_text_document\"]"; fi
     submit "$it-train" "afterok:$merge_job" -- "${train_opts[@]}" "$SLURM_DIR/train.sbatch" "$config" \
         "output_dir=$it/train" "checkpoint.dir=$it/checkpoints" "data.prefixes=$blend" "data.split=100,0,0" \
-        "checkpoint.load=$previous_ckpt" "checkpoint.finetune=true" "${overrides[@]}"
+        "checkpoint.load=${base_ckpt:-$previous_ckpt}" "checkpoint.finetune=true" "${overrides[@]}"
     previous_train=$job
     previous_ckpt=$it/checkpoints
 done

@@ -86,8 +86,15 @@ write_atomic() {  # write_atomic FILE TEXT: readers never see a half-written fil
 }
 
 # One fleet worker; runs as one srun task (SLURM_LOCALID picks its port and GPU).
+# DETERMINISTIC=1 (the default) starts it with --enable-deterministic-inference: SGLang (and
+# `bolt serve`, which copies it) honours a request's sampling_seed only with that flag.
 fleet_worker() {
-    local port=$((FLEET_PORT + 1 + SLURM_LOCALID))
+    local port=$((FLEET_PORT + 1 + SLURM_LOCALID)) det=()
+    case ${DETERMINISTIC:-1} in
+        1) det=(--enable-deterministic-inference) ;;
+        0) ;;
+        *) die "DETERMINISTIC must be 1 or 0, not $DETERMINISTIC" ;;
+    esac
     if [[ $FLEET_ENGINE == sglang ]]; then
         local per=${GPUS_PER_WORKER:-1} all first
         IFS=, read -r -a all <<<"${CUDA_VISIBLE_DEVICES:-$(seq -s, 0 63)}"
@@ -97,7 +104,8 @@ fleet_worker() {
         export CUDA_VISIBLE_DEVICES
         # shellcheck disable=SC2086  # SGLANG_ARGS is a list of flags
         exec "$PYTHON" -m sglang.launch_server --model-path "$MODEL" --host 0.0.0.0 --port "$port" \
-            --tp-size "$per" ${SGLANG_ARGS:-}
+            --tp-size "$per" "${det[@]}" ${SGLANG_ARGS:-}
     fi
-    exec "${BOLT_CMD[@]}" serve --model "$MODEL" --host 0.0.0.0 --port "$port" --threads "${SLURM_CPUS_PER_TASK:-1}"
+    exec "${BOLT_CMD[@]}" serve --model "$MODEL" --host 0.0.0.0 --port "$port" --threads "${SLURM_CPUS_PER_TASK:-1}" \
+        "${det[@]}"
 }

@@ -11,10 +11,13 @@ import pytest
 from megatron_bolt.data.chunking import (
     MAX_SENTENCES_PER_CHUNK,
     chunk_char_boundaries,
+    chunk_texts,
     chunk_token_lengths,
+    document_rng,
     sentence_boundaries,
     sentences_per_chunk,
     split_chunks,
+    uniform_sentences_per_chunk,
 )
 from megatron_bolt.stores import chunk_store as cs
 from megatron_bolt.stores.chunk_store import ChunkStore, ChunkStoreWriter, write_chunk_store
@@ -53,25 +56,75 @@ def tokenizers(tmp_path_factory):
     }
 
 
-def test_sentence_boundaries_follow_paragraphs_and_sentences():
-    text = "Dr. Smith went home. He slept!\n\nNew paragraph here? Yes.\n \nLast one"
+def units(text: str) -> list[str]:
     bounds = sentence_boundaries(text)
-    pieces = [text[a:b] for a, b in zip([0, *bounds], [*bounds, len(text)])]
-    assert "".join(pieces) == text
-    assert [p.strip() for p in pieces] == [
-        "Dr. Smith went home.", "He slept!", "New paragraph here?", "Yes.", "Last one"
-    ]
-    # Whitespace between sentences starts the next unit, as in the reference code.
-    assert pieces[2].startswith("\n\n")
+    return [text[a:b] for a, b in zip([0, *bounds], [*bounds, len(text)])]
+
+
+# Each document with its units as the reference's splitter (chunk_gen.py) makes them, derived by
+# hand: paragraphs end with their blank line, Punkt (untrained: every `.`, `?`, `!` before a space
+# and a word ends a sentence, abbreviations included) splits inside them, and the whitespace
+# between two sentences starts the next unit.
+REFERENCE_UNITS = [
+    # untrained Punkt knows no abbreviations; a blank line with a space in it still ends a paragraph
+    ("Dr. Smith went home. He slept!\n\nNew paragraph here? Yes.\n \nLast one",
+     ["Dr.", " Smith went home.", " He slept!\n\n", "New paragraph here?", " Yes.\n \n", "Last one"]),
+    # markdown: a heading and a list without sentence ends are one unit each
+    ("# Title\n\nSome text. More text.\n\n- item one\n- item two\n\n",
+     ["# Title\n\n", "Some text.", " More text.\n\n", "- item one\n- item two\n\n"]),
+    # math: decimals and `$` do not end sentences; a single newline is whitespace before the next
+    ("Let $x = 2.5$. Then $2x = 5$.\nSo the answer is $\\boxed{5}$.",
+     ["Let $x = 2.5$.", " Then $2x = 5$.", "\nSo the answer is $\\boxed{5}$."]),
+    # a run of blank lines and trailing spaces stay with the paragraph before
+    ("A.\n\n\n\nB.  ", ["A.\n\n\n\n", "B.  "]),
+    # CRLF blank lines end paragraphs too
+    ("One. Two.\r\n\r\nThree.", ["One.", " Two.\r\n\r\n", "Three."]),
+    # unicode; the ideographic full stop is not one of Punkt's sentence ends
+    ("Café crème. Ça va? 日本語。Next.", ["Café crème.", " Ça va?", " 日本語。Next."]),
+]
+
+
+@pytest.mark.parametrize("text,expected", REFERENCE_UNITS)
+def test_units_are_the_reference_splitters(text, expected):
+    assert units(text) == expected
+
+
+def test_characters_the_reference_drops_stay_in_their_chunk():
+    # The reference's paragraph regex skips line breaks before the first paragraph and a lone
+    # \r after a blank line; a chunk store must tile the text, so they stay where they are.
+    assert units("\n\nHi. There.") == ["\n\nHi.", " There."]
+    assert units("A.\n\n\rB.") == ["A.\n\n\r", "B."]
+    # A whitespace-only first paragraph (the reference raises on it) joins the next unit.
+    assert units(" \n\nText. More.") == [" \n\nText.", " More."]
+
+
+def test_chunk_texts_group_units_and_tile_the_document():
+    text = "Dr. Smith went home. He slept!\n\nNew paragraph here? Yes.\n \nLast one"
+    assert chunk_texts(text, poisson_mean=0) == units(text)
+    # One draw for this text: its six units fit in the first chunk (Poisson(7) + 1 >= 6 here).
+    assert chunk_texts(text) == [text]
 
 
 def test_sentences_per_chunk_is_poisson_plus_one_capped_and_seeded_by_text():
+    # The reference's seed: md5 of the UTF-8 text as one integer, + 42, low 32 bits
+    # (md5("some document") = a38ef716...1934).
+    a, b = document_rng("some document"), np.random.default_rng(3579844958)
+    assert a.integers(0, 2**62, size=4).tolist() == b.integers(0, 2**62, size=4).tolist()
+    assert sentences_per_chunk("some document", 60) == [7, 11, 6, 11, 2, 5, 11, 7]
     counts = sentences_per_chunk("some document", 100_000)
     assert sum(counts) == 100_000
     assert min(counts) >= 1 and max(counts) <= MAX_SENTENCES_PER_CHUNK
     assert 7.7 < np.mean(counts[:-1]) < 8.3  # E[min(Poisson(7) + 1, 20)] ~ 8.0
-    assert sentences_per_chunk("some document", 500) == sentences_per_chunk("some document", 500)
     assert sentences_per_chunk("another document", 500) != sentences_per_chunk("some document", 500)
+
+
+def test_uniform_chunking_is_the_references_validation_chunking():
+    # ceil(n / 8) chunks, boundaries int(linspace(0, n, chunks + 1))
+    assert uniform_sentences_per_chunk(20) == [6, 7, 7]
+    assert uniform_sentences_per_chunk(9) == [4, 5]
+    assert uniform_sentences_per_chunk(8) == [8] and uniform_sentences_per_chunk(1) == [1]
+    text = " ".join(f"Sentence number {i}." for i in range(9))
+    assert [len(sentence_boundaries(c)) + 1 for c in chunk_texts(text, uniform=True)] == [4, 5]
 
 
 def test_chunk_poisson_mean_sets_the_chunk_size():

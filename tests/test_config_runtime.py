@@ -28,7 +28,19 @@ def test_yaml_and_dotted_overrides():
         (["model.num_query_groups=3"], "model.num_query_groups (3) must divide"),
         (["parallel.pp=3"], "parallel.pp (3) must divide model.num_layers"),
         (["train.global_batch=6"], "train.micro_batch (4) must divide train.global_batch (6)"),
-        (["model.fp8=e5m2"], "model.fp8: expected null"),
+        (["model.fp8=e5m2"], "config key 'model.fp8': expected one of null, 'hybrid', 'e4m3', got 'e5m2'"),
+        (["model.fp8=hybrid", "model.transformer_impl=local"], "needs the Transformer Engine layer spec"),
+        (["model.fp8_recipe=fancy"], "config key 'model.fp8_recipe': expected one of 'delayed', 'tensorwise'"),
+        (["model.recompute_granularity=full"], "needs model.recompute_method (uniform|block)"),
+        (["model.recompute_granularity=full", "model.recompute_method=block", "model.recompute_num_layers=3"],
+         "'model.recompute_num_layers': expected 1..2"),
+        (["model.recompute_method=uniform"], "apply to recompute_granularity=full only"),
+        (["model.recompute_granularity=selective", "model.recompute_modules=[moe]"],
+         "'model.recompute_modules[]': expected one of 'core_attn'"),
+        (["train.lr_decay_style=WSD"], "needs train.lr_wsd_decay_iters"),
+        (["train.lr_decay_style=step"], "'train.lr_decay_style': expected one of 'cosine'"),
+        (["parallel.cp=2", "model.transformer_impl=local"], "parallel.cp > 1 needs Transformer Engine"),
+        (["parallel.cp=3"], "model.seq_len (128) must be divisible by 2 * parallel.cp (6)"),
         (["train.steps"], "not of the form key=value"),
     ],
 )
@@ -79,3 +91,48 @@ def test_fp8_without_transformer_engine_is_one_line(synthetic_prefix, tmp_path):
                 f"output_dir={tmp_path}", check=False, timeout=300)
     assert proc.returncode == 2
     assert "needs Transformer Engine" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("text, value", [("1e-4", 1e-4), ("3E-4", 3e-4), ("1_000", 1000.0), (".5", 0.5), ("-2e+1", -20.0)])
+def test_numbers_as_typed_on_the_command_line_and_in_yaml(tmp_path, text, value):
+    # a float key without range checks (train.lr must lie above train.min_lr), so any sign parses
+    cfg = load_config(TINY_CONFIG, [f"model.rope_base={text}", "train.steps=1_000", "train.warmup=1e2"])
+    assert cfg.model.rope_base == pytest.approx(value) and cfg.train.steps == 1000 and cfg.train.warmup == 100
+    path = tmp_path / "c.yaml"
+    path.write_text(f"model:\n  rope_base: {text}\ntrain:\n  lr: {text if value > 0 else 1}\n  min_lr: 0\n"
+                    "  steps: 2_000\n")
+    cfg = load_config(path)
+    assert cfg.model.rope_base == pytest.approx(value) and cfg.train.steps == 2000
+    assert cfg.train.lr == pytest.approx(value if value > 0 else 1)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.lr=1e-4x"], "config key 'train.lr': expected a number"),
+        (["train.min_lr=-1e-5"], "train.min_lr (-1e-05) must be between 0 and train.lr"),
+        (["train.steps=1.5"], "config key 'train.steps': expected an integer"),
+        (["train.exit_signal=SIGFOO"], "train.exit_signal: expected a signal name"),
+        (["parallel.vp=2"], "parallel.vp (2) needs parallel.pp > 1"),
+        (["parallel.pp=2", "parallel.vp=2"], "parallel.pp * parallel.vp (2*2) must divide model.num_layers (2)"),
+        (["parallel.overlap_param_gather=true"], "needs train.distributed_optimizer=true"),
+    ],
+)
+def test_new_key_errors(overrides, message):
+    with pytest.raises(UserError) as err:
+        load_config(TINY_CONFIG, overrides)
+    assert message in str(err.value)
+
+
+def test_package_metadata_takes_a_torch_range_and_make_setup_pins_it():
+    import configparser
+
+    from conftest import REPO
+
+    cfg = configparser.ConfigParser()
+    cfg.read(REPO / "setup.cfg")
+    requires = [r.strip() for r in cfg["options"]["install_requires"].splitlines()
+                if r.strip() and not r.strip().startswith("#")]
+    torch_req = [r for r in requires if r.startswith("torch")]
+    assert torch_req and "==" not in torch_req[0] and ">=" in torch_req[0], torch_req
+    assert "pip install -q torch==2.13.0" in (REPO / "Makefile").read_text()

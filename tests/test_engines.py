@@ -1,9 +1,11 @@
-"""Local engine vs a plain transformers forward pass, `bolt serve` protocol, and the SGLang client."""
+"""Local engine vs a plain transformers forward pass, `bolt serve` protocol and SGLang's rules, and the
+SGLang client against them."""
 
 from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 import requests
 import torch
@@ -17,6 +19,7 @@ from megatron_bolt.inference.sglang_standin import make_server
 
 VOCAB = 48
 STOP = [3, 17, 29]  # several stop ids so that samples end at different lengths
+EOS = 1  # the tiny model's eos_token_id: SGLang stops on it unless ignore_eos
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +77,33 @@ def test_local_sampling_is_seeded_and_batch_independent(model_dir):
     assert toks(alone)[0] == toks(a)[2]
 
 
+def test_local_batch_composition_changes_a_sample_only_at_a_cdf_boundary(model_dir, reference):
+    """What base.py promises: a row draws the same uniforms in any batch, so its sample can differ
+    between batch layouts only where a draw lies within float rounding of a CDF boundary."""
+    from megatron_bolt.inference.base import sample_seed, step_uniforms
+
+    many = [[0, 4 + i % 40, 5 + (7 * i) % 37, 6 + i % 11][: 2 + i % 3] for i in range(8)]  # padding varies
+    layouts = [LocalEngine(model_dir, max_batch_rows=r).sample(many, 3, 16, STOP, seed=8) for r in (2, 5, 24)]
+    assert layouts[2] == LocalEngine(model_dir, max_batch_rows=24).sample(many, 3, 16, STOP, seed=8)  # same call
+    boundary_hits = 0
+    for i, prompt in enumerate(many):
+        for j in range(3):
+            ref = layouts[0][i][j].tokens
+            for other in (layouts[1][i][j].tokens, layouts[2][i][j].tokens):
+                if other == ref:
+                    continue
+                t = next(k for k, (a, b) in enumerate(zip(ref, other)) if a != b)
+                with torch.no_grad():
+                    logits = reference(torch.tensor([prompt + ref[:t]])).logits[0, -1].double()
+                cdf = torch.softmax(logits, -1).cumsum(-1)
+                seed = np.array([sample_seed(derive_seed(8, i), j) & ((1 << 64) - 1)], dtype=np.uint64)
+                target = float(step_uniforms(seed, t)[0]) * float(cdf[-1])
+                lo, hi = sorted((ref[t], other[t]))
+                assert min(abs(target - float(cdf[k])) for k in range(lo, hi)) < 1e-5, (i, j, t)
+                boundary_hits += 1
+    assert boundary_hits <= 4, "more than rounding: rows should almost never change with the layout"
+
+
 def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
     n = counts.sum()
     expected = probs * n
@@ -109,18 +139,40 @@ def test_local_sampling_is_untempered(model_dir, reference):
     assert chi_square_pvalue(counts, tempered) < 1e-6
 
 
-@pytest.fixture(scope="module")
-def servers(model_dir):
+def start_servers(model_dir, n: int, **kwargs):
     started = []
-    for _ in range(2):
-        server, batcher = make_server(model_dir, "127.0.0.1", 0)
+    for _ in range(n):
+        server, batcher = make_server(model_dir, "127.0.0.1", 0, **kwargs)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         started.append((server, batcher))
-    yield [f"http://127.0.0.1:{s.server_address[1]}" for s, _ in started]
+    return started, [f"http://127.0.0.1:{s.server_address[1]}" for s, _ in started]
+
+
+def stop_servers(started) -> None:
     for s, b in started:
         s.shutdown()
         s.server_close()
         b.stop()
+
+
+@pytest.fixture(scope="module")
+def servers(model_dir):
+    """Two stand-ins with --enable-deterministic-inference (seeds honoured)."""
+    started, urls = start_servers(model_dir, 2, deterministic=True)
+    yield urls
+    stop_servers(started)
+
+
+@pytest.fixture(scope="module")
+def plain_server(model_dir):
+    """A stand-in started as SGLang is by default: no deterministic inference, context 32."""
+    started, urls = start_servers(model_dir, 1, context_length=32)
+    yield urls[0]
+    stop_servers(started)
+
+
+def generate(url, prompt, **sp):
+    return requests.post(f"{url}/generate", json={"input_ids": prompt, "sampling_params": sp}, timeout=60)
 
 
 def test_serve_generate_protocol(servers, reference):
@@ -129,7 +181,7 @@ def test_serve_generate_protocol(servers, reference):
     body = requests.post(f"{url}/generate", json={
         "input_ids": prompt, "return_logprob": True, "logprob_start_len": 0,
         "sampling_params": {"temperature": 1.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0, "max_new_tokens": 5,
-                            "stop_token_ids": STOP, "ignore_eos": True, "sampling_seed": 5},
+                            "stop_token_ids": STOP, "sampling_seed": 5},
     }, timeout=60).json()
     meta = body["meta_info"]
     assert meta["prompt_tokens"] == len(prompt) and meta["completion_tokens"] == len(body["output_ids"])
@@ -142,7 +194,7 @@ def test_serve_generate_protocol(servers, reference):
     ref_out = forward_logprobs(reference, prompt, body["output_ids"])
     assert max(abs(a - e[0]) for a, e in zip(ref_out, out)) < 1e-3
     fr = meta["finish_reason"]
-    if body["output_ids"][-1] in STOP:
+    if body["output_ids"][-1] in STOP + [EOS]:
         assert fr == {"type": "stop", "matched": body["output_ids"][-1]}
     else:
         assert fr == {"type": "length", "length": 5}
@@ -169,21 +221,142 @@ def test_serve_generate_protocol(servers, reference):
     assert requests.get(f"{url}/v1/models", timeout=10).json()["data"][0]["object"] == "model"
 
 
+def test_standin_ignore_eos_disables_stop_token_ids(servers):
+    """SGLang's Req._check_token_based_finish: ignore_eos returns before stop_token_ids are looked at."""
+    prompt = PROMPTS[0]
+    ran = generate(servers[0], prompt, max_new_tokens=60, stop_token_ids=STOP, ignore_eos=True, sampling_seed=2).json()
+    assert ran["meta_info"]["finish_reason"] == {"type": "length", "length": 60}
+    assert any(t in STOP for t in ran["output_ids"][:-1]), "the stop ids occur, and did not stop it"
+    stopped = generate(servers[0], prompt, max_new_tokens=60, stop_token_ids=STOP, sampling_seed=2).json()
+    first = next(i for i, t in enumerate(ran["output_ids"]) if t in STOP + [EOS])
+    assert stopped["output_ids"] == ran["output_ids"][: first + 1]  # same seed: the same tokens, up to the stop
+    assert stopped["meta_info"]["finish_reason"] == {"type": "stop", "matched": ran["output_ids"][first]}
+
+
+def test_standin_stops_on_eos_without_ignore_eos(servers):
+    """Without ignore_eos the model's EOS ends a request even when it is not in stop_token_ids."""
+    ends = set()
+    for seed in range(40):
+        body = generate(servers[0], PROMPTS[1], max_new_tokens=30, stop_token_ids=[], sampling_seed=seed).json()
+        out = body["output_ids"]
+        assert EOS not in out[:-1]
+        if out[-1] == EOS:
+            ends.add(body["meta_info"]["finish_reason"]["matched"])
+    assert ends == {EOS}
+
+
+def test_standin_sampling_seed_needs_deterministic_inference(servers, plain_server):
+    """SamplingBatchInfo.from_schedule_batch builds the seed tensor only with --enable-deterministic-inference."""
+    sp = dict(max_new_tokens=20, sampling_seed=123, ignore_eos=True)  # 6 + 20 fits the context of 32
+    det = [generate(servers[0], PROMPTS[0], **sp).json()["output_ids"] for _ in range(2)]
+    det.append(generate(servers[1], PROMPTS[0], **sp).json()["output_ids"])
+    assert det[0] == det[1] == det[2]
+    plain = [generate(plain_server, PROMPTS[0], **sp).json()["output_ids"] for _ in range(2)]
+    assert plain[0] != plain[1] and det[0] not in plain
+    info = requests.get(f"{plain_server}/server_info", timeout=10).json()
+    assert info["enable_deterministic_inference"] is False
+    assert requests.get(f"{servers[0]}/server_info", timeout=10).json()["enable_deterministic_inference"] is True
+
+
+def test_standin_clips_high_ids_in_input_logprobs(servers, reference):
+    """SchedulerLogprobResultProcessor._process_input_token_logprobs reports ids >= vocab_size-1 as 0."""
+    prompt = [0, 5, VOCAB - 1, 7, VOCAB - 2, VOCAB - 1]
+    body = requests.post(f"{servers[0]}/generate", json={
+        "input_ids": prompt, "return_logprob": True, "logprob_start_len": 0,
+        "sampling_params": {"max_new_tokens": 0}}, timeout=60).json()
+    inp = body["meta_info"]["input_token_logprobs"]
+    assert [e[1] for e in inp] == [0, 5, 0, 7, VOCAB - 2, 0]
+    ref = forward_logprobs(reference, prompt[:1], prompt[1:])  # the values are those of the real ids
+    assert max(abs(a - e[0]) for a, e in zip(ref, inp[1:])) < 1e-3
+
+
+def test_standin_length_rules(plain_server):
+    """TokenizerManager._validate_one_request, then the scheduler's validate_input_length and
+    init_req_max_new_tokens, at context 32 (max_req_len 31, max_req_input_len 26)."""
+    info = requests.get(f"{plain_server}/server_info", timeout=10).json()
+    assert (info["context_length"], info["max_req_len"], info["max_req_input_len"]) == (32, 31, 26)
+    r = generate(plain_server, [0] + [5] * 31, max_new_tokens=0)
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == "The input (32 tokens) is longer than the model's context length (32 tokens)."
+    r = generate(plain_server, [0] + [5] * 19, max_new_tokens=13)
+    assert r.status_code == 400 and r.json()["error"]["message"].startswith(
+        "Requested token count exceeds the model's maximum context length of 32 tokens. You requested a total of 33 "
+        "tokens: 20 tokens from the input messages and 13 tokens for the completion.")
+    r = generate(plain_server, [0] + [5] * 25, max_new_tokens=1)
+    assert r.status_code == 400 and r.json()["error"]["message"] == (
+        "Input length (26 tokens) exceeds the maximum allowed length (26 tokens). Use a shorter input or enable "
+        "--allow-auto-truncate.")
+    # within both checks, max_new_tokens is cut to max_req_len - input - 1 = 10
+    body = generate(plain_server, [0] + [5] * 19, max_new_tokens=12, ignore_eos=True).json()
+    assert len(body["output_ids"]) == 10 and body["meta_info"]["finish_reason"] == {"type": "length", "length": 10}
+
+
 def test_sglang_engine_matches_local(servers, model_dir):
+    """Same seeds, same samples, until a sample meets the model's EOS: SGLang stops there, and the
+    client continues it with a derived seed, so only the stop ids end a sample (as locally)."""
     local = LocalEngine(model_dir)
     client = SGLangEngine(servers, concurrency=8)
     try:
-        a = local.sample(PROMPTS, 3, 20, STOP, seed=9)
-        b = client.sample(PROMPTS, 3, 20, STOP, seed=9)
-        for sa, sb in zip(a, b):
+        a = local.sample(PROMPTS, 4, 20, STOP, seed=9)
+        b = client.sample(PROMPTS, 4, 20, STOP, seed=9)
+        continued = 0
+        for prompt, sa, sb in zip(PROMPTS, a, b):
             for x, y in zip(sa, sb):
-                assert x.tokens == y.tokens and x.finished == y.finished
-                assert max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs)) < 1e-3
+                assert y.finished == (y.tokens[-1] in STOP) and not any(t in STOP for t in y.tokens[:-1])
+                assert y.finished or len(y.tokens) == 20
+                cut = x.tokens.index(EOS) + 1 if EOS in x.tokens else len(x.tokens)
+                assert y.tokens[:cut] == x.tokens[:cut]
+                continued += EOS in y.tokens[:-1]
+                # the log-probs are those of the tokens held
+                assert abs(sum(y.logprobs) - local.score([prompt], [y.tokens])[0]) < 1e-3
+                if cut == len(x.tokens):
+                    assert y.tokens == x.tokens and y.finished == x.finished
+                    assert max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs)) < 1e-3
+        assert continued > 0, "some sample should meet EOS and be continued"
+        assert client.sample(PROMPTS, 4, 20, STOP, seed=9)[1][2].tokens == b[1][2].tokens  # reproducible
         conts = [s[0].tokens for s in a]
         sl, sc = local.score(PROMPTS, conts), client.score(PROMPTS, conts)
         assert max(abs(p - q) for p, q in zip(sl, sc)) < 1e-3
     finally:
         client.close()
+
+
+def test_sglang_engine_scores_ids_sglang_clips(servers, model_dir):
+    """Continuations with ids >= vocab_size-1 (hf_to_mcore puts <|POSTERIOR_PREFIX|> there) score
+    like locally; SGLang's 0 in their place is not a misalignment."""
+    local = LocalEngine(model_dir)
+    client = SGLangEngine(servers, concurrency=4)
+    try:
+        prompts = [[0, 5, 6], [0, VOCAB - 1]]
+        conts = [[VOCAB - 4, VOCAB - 1, 9, VOCAB - 2], [VOCAB - 1, 0, 3]]
+        got, want = client.score(prompts, conts), local.score(prompts, conts)
+        assert max(abs(p - q) for p, q in zip(got, want)) < 1e-3
+    finally:
+        client.close()
+
+
+def test_sglang_engine_context_and_unseeded_samples(plain_server, model_dir):
+    """The client's context is the server's max_req_input_len - 1; without deterministic inference
+    samples are not reproducible, but each one is exact (its log-probs are those of its tokens)."""
+    local = LocalEngine(model_dir)
+    client = SGLangEngine(plain_server, concurrency=4)
+    capped = SGLangEngine(plain_server, context_length=20)
+    try:
+        assert client.context_length == 25 and capped.context_length == 20
+        prompt = [0, 5, 6, 7]
+        runs = [client.sample([prompt], 6, 21, STOP, seed=4)[0] for _ in range(2)]
+        assert [s.tokens for s in runs[0]] != [s.tokens for s in runs[1]]
+        for s in runs[0] + runs[1]:
+            assert abs(s.logprob_sum - local.score([prompt], [s.tokens])[0]) < 1e-3
+    finally:
+        client.close()
+        capped.close()
+
+
+def test_local_engine_context_length(model_dir):
+    assert LocalEngine(model_dir).context_length == 256
+    assert LocalEngine(model_dir, context_length=64).context_length == 64
+    assert LocalEngine(model_dir, context_length=1000).context_length == 256
 
 
 def test_sglang_engine_skips_dead_server(servers, model_dir):

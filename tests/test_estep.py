@@ -1,5 +1,5 @@
 """E-step: weights against an independent transformers computation, resampling frequencies,
-shard-layout independence, kill -9 resume, IWAE."""
+shard-layout independence, kill -9 resume, IWAE, context truncation, local vs SGLang weights."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from transformers import LlamaForCausalLM
 
 from megatron_bolt.cli import main as bolt_main
 from megatron_bolt.config import EStepConfig
+from megatron_bolt.errors import UserError
 from megatron_bolt.inference.local import LocalEngine
 from megatron_bolt.latents.estep import (
     iwae_bounds,
@@ -27,6 +28,9 @@ from megatron_bolt.latents.estep import (
     resample_rng,
     run_estep,
     run_iwae,
+    truncate_joint,
+    truncate_q_prompt,
+    weigh_latents,
 )
 from megatron_bolt.stores.chunk_store import ChunkStore, write_chunk_store
 from megatron_bolt.stores.latent_store import LatentStore
@@ -201,8 +205,141 @@ def test_iwae(setup, tmp_path):
     assert rc == 0 and out.exists()
 
 
+def test_iwae_document_protocol_is_the_references(tmp_path, monkeypatch):
+    """Whole-document prefixes; per-chunk bounds summed per document, divided by the document's
+    tokens, averaged over documents (ryoungj/BoLT apps/main/eval.py `compute_elbo`)."""
+    from megatron_bolt.latents import estep
+
+    info = {"tokenizer": "t", "vocab_size": 50, "special_tokens": {"bos": 1, "eos": 2, "sol": 3, "eol": 4,
+                                                                     "prior": 5, "posterior": 6}}
+    docs = [[np.array([7, 8, 9], np.int32), np.array([10], np.int32)],  # 4 tokens
+            [np.array([11, 12], np.int32)],  # 2 tokens
+            [np.array([13], np.int32), np.array([14, 15], np.int32), np.array([16], np.int32)]]  # 4 tokens
+    path = str(tmp_path / "c.zarr")
+    write_chunk_store(path, docs, info)
+    # log w of chunk i, sample k: -(i + 1) - k; the E-step itself is tested above
+    seen = []
+
+    def fake(engine, chunks, idx, settings, block, samples):
+        seen.append((list(idx), settings.prefix_chunks))
+        w = np.array([[-(i + 1.0) - k for k in range(samples)] for i in idx])
+        return estep.BlockResult(list(idx), [], w, w, w, np.zeros(len(idx), np.int32), np.ones_like(w, bool))
+
+    monkeypatch.setattr(estep, "sample_and_weight", fake)
+    store = ChunkStore.open(path)
+    res = run_iwae(None, store, [1, 2], EStepConfig(2, 1, 8, 0), progress=False, batch_chunks=4)
+    assert all(p >= 3 for _, p in seen)  # every chunk sees its whole document
+    lme2 = [math.log((math.exp(-(i + 1.0)) + math.exp(-(i + 2.0))) / 2) for i in range(6)]
+    sums1 = [-1 - 2, -3, -4 - 5 - 6]
+    sums2 = [lme2[0] + lme2[1], lme2[2], lme2[3] + lme2[4] + lme2[5]]
+    tokens = [4, 2, 4]
+    assert res["docs"] == 3 and res["chunks"] == 6 and res["x_tokens"] == 10
+    assert abs(res["iwae_per_token"]["1"] - np.mean([s / t for s, t in zip(sums1, tokens)])) < 1e-12
+    assert abs(res["iwae_per_token"]["2"] - np.mean([s / t for s, t in zip(sums2, tokens)])) < 1e-12
+    assert abs(res["iwae_per_document"]["1"] - np.mean(sums1)) < 1e-12
+    # only whole documents with --max-docs
+    assert run_iwae(None, store, [1], EStepConfig(1, 1, 8, 0), progress=False, max_docs=2)["chunks"] == 3
+    # the old protocol: the chunks' own prefix, the mean over chunks
+    seen.clear()
+    old = run_iwae(None, store, [1], EStepConfig(1, 1, 8, 0), progress=False, protocol="chunk")
+    assert {p for _, p in seen} == {1} and abs(old["iwae_per_chunk"]["1"] - np.mean([-1, -2, -3, -4, -5, -6])) < 1e-12
+
+
 def test_cli_rejects_bad_shard(setup, capsys):
     root, model_dir, chunks_path, _ = setup
     rc = bolt_main(["estep", "--model", model_dir, "--chunks", chunks_path, "--out", str(root / "x.zarr"),
                     "--samples", "2", "--shard", "3/2"])
     assert rc == 2 and "--shard" in capsys.readouterr().err
+
+
+def test_truncation_follows_the_reference():
+    """q prompt: its last context - max_latent tokens; joint: the same cut for all K, prefix first."""
+    prompt = list(range(10))
+    assert truncate_q_prompt(prompt, 14, 4) is prompt and truncate_q_prompt(prompt, None, 4) is prompt
+    assert truncate_q_prompt(prompt, 12, 4) == list(range(2, 10))
+    with pytest.raises(UserError, match="no room"):
+        truncate_q_prompt(prompt, 4, 4)
+    # prefix of 5 tokens, X of 3; the longest of the K sequences (12) decides: 2 come off the front
+    seqs = [list(range(10)), list(range(12)), list(range(9))]
+    out, start, x_cut = truncate_joint(seqs, 5, 3, 10)
+    assert out == [s[2:] for s in seqs] and start == 3 and x_cut == 0
+    # 7 over: the whole prefix (5) and 2 tokens at the end of X; one token stays as context
+    out, start, x_cut = truncate_joint(seqs, 5, 3, 5)
+    assert out == [s[5 : len(s) - 2] for s in seqs] and start == 1 and x_cut == 2
+    assert truncate_joint(seqs, 5, 3, 12) == (seqs, 5, 0)
+    with pytest.raises(UserError, match="too short"):
+        truncate_joint(seqs, 5, 3, 4)
+
+
+def test_estep_truncates_to_the_context(setup, tmp_path):
+    """With a context shorter than the sequences, the stored weights are those of the truncated
+    sequences (cut independently here), and the totals count each kind of cut."""
+    root, model_dir, chunks_path, docs = setup
+    context = 22
+    chunks = ChunkStore.open(chunks_path)
+    settings = EStepConfig(3, PREFIX, MAX_LATENT, 5)
+    store = open_or_create_store(str(tmp_path / "t.zarr"), chunks.num_chunks, settings, 3, {})
+    totals = run_estep(LocalEngine(model_dir, context_length=context), chunks, store, settings, progress=False)
+    assert totals.context == context and totals.truncated.q_prompts > 0 and totals.truncated.joint > 0
+    assert f"context {context}: {totals.truncated.q_prompts} q prompts" in totals.line()
+    ref = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    s = SPECIAL
+    q_cut = joint_cut = 0
+    for i, (d, j) in enumerate(flat_chunks(docs)):
+        rec = store.read_chunk(i)
+        x = docs[d][j]
+        prefix = [s["bos"]] + [t for c in docs[d][max(0, j - PREFIX):j] for t in c]
+        q_prompt = [*prefix, s["sol"], s["eol"], *x, s["sol"], s["posterior"]]
+        if len(q_prompt) > context - MAX_LATENT:
+            q_prompt, q_cut = q_prompt[len(q_prompt) - (context - MAX_LATENT):], q_cut + 1
+        zs = [[int(t) for t in z] for z in rec["latents"]]
+        joint = [[*prefix, s["sol"], s["prior"], *z, s["eol"], *x] for z in zs]
+        over = max(len(q) for q in joint) - context
+        front = max(0, min(over, len(prefix)))
+        joint_cut += over > 0
+        for k, z in enumerate(zs):
+            finished = len(z) < MAX_LATENT
+            log_q = summed_logprob(ref, q_prompt + z + ([s["eol"]] if finished else []), len(q_prompt))
+            seq = joint[k][front : len(joint[k]) - max(0, over - front)]
+            log_p = summed_logprob(ref, seq, max(len(prefix) - front, 1))
+            assert abs(rec["log_q"][k] - log_q) < 1e-3 and abs(rec["log_p"][k] - log_p) < 1e-3
+    assert (q_cut, joint_cut) == (totals.truncated.q_prompts, totals.truncated.joint)
+    res = run_iwae(LocalEngine(model_dir, context_length=context), chunks, [1, 2], settings, progress=False)
+    assert res["context"] == context and res["truncated"]["q_prompts"] == q_cut
+
+
+def test_local_and_sglang_weigh_the_same_latents_alike(setup, tmp_path):
+    """Latents sampled through the SGLang client (a deterministic `bolt serve`) and weighed by the
+    local engine and by the client agree to 1e-3 in log q and log p, truncation included; the
+    E-step through a server with a short context (it would answer 400 past it) completes."""
+    import threading
+
+    from megatron_bolt.inference.sglang import SGLangEngine
+    from megatron_bolt.inference.sglang_standin import make_server
+
+    root, model_dir, chunks_path, _ = setup
+    server, batcher = make_server(model_dir, "127.0.0.1", 0, deterministic=True, context_length=30)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    client = SGLangEngine(f"http://127.0.0.1:{server.server_address[1]}", concurrency=4)
+    try:
+        assert client.context_length == 23  # max_req_input_len (30 - 6) - 1
+        chunks = ChunkStore.open(chunks_path)
+        settings = EStepConfig(3, PREFIX, MAX_LATENT, 7)
+        store = open_or_create_store(str(tmp_path / "s.zarr"), chunks.num_chunks, settings, 4, {})
+        totals = run_estep(client, chunks, store, settings, progress=False)
+        assert totals.truncated.q_prompts > 0 and totals.truncated.joint > 0
+        idx = list(range(chunks.num_chunks))
+        recs = [store.read_chunk(i) for i in idx]
+        latents = [[[int(t) for t in z] for z in r["latents"]] for r in recs]
+        local = LocalEngine(model_dir, context_length=23)
+        lq, lp = weigh_latents(local, chunks, idx, latents, settings)
+        sq, sp = weigh_latents(client, chunks, idx, latents, settings)
+        stored_q = np.array([r["log_q"] for r in recs])
+        stored_p = np.array([r["log_p"] for r in recs])
+        for a, b in ((lq, stored_q), (sq, stored_q), (lp, stored_p), (sp, stored_p)):
+            np.testing.assert_allclose(a, b, atol=1e-3, rtol=0)
+    finally:
+        client.close()
+        server.shutdown()
+        server.server_close()
+        batcher.stop()

@@ -17,9 +17,17 @@ from conftest import bolt, tiny_llama
 from transformers import LlamaForCausalLM
 
 from megatron_bolt.cli import main as bolt_main
-from megatron_bolt.data.formats import encode_pieces, latent_eval_pieces
 from megatron_bolt.evaluation.evaluate import build_prompt, evaluate
-from megatron_bolt.evaluation.tasks import Item, grade, last_boxed, load_items, toy_items
+from megatron_bolt.evaluation.exemplars import GSM8K
+from megatron_bolt.evaluation.tasks import (
+    LAYOUTS,
+    Item,
+    fixed_exemplars,
+    grade,
+    last_boxed,
+    load_items,
+    toy_items,
+)
 from megatron_bolt.inference.local import LocalEngine
 from megatron_bolt.tokenizer import load_tokenizer, train_bpe_tokenizer
 from megatron_bolt.toy.world import (
@@ -47,10 +55,9 @@ def tiny_model_with_tokenizer(path) -> str:
 
 def latent_document(tok, seed: int) -> list[int]:
     """A training document in the latent layout of the evaluation prompts (exemplars all the way)."""
-    items = make_eval_items(3, seed)
-    *first, last = [(r["question"], r["working"], r["answer"]) for r in items]
-    ids = encode_pieces(latent_eval_pieces(last[0], first, tok.latent), tok.encode, bos=tok.bos_id)
-    return ids + tok.encode(last[1]) + [tok.latent.eol] + tok.encode(f"\n\nFinal Answer: {last[2]}") + [tok.eos_id]
+    *first, last = toy_items(3, seed)
+    ids = build_prompt(last, first, "latent", tok)
+    return ids + tok.encode(last.reasoning) + [tok.latent.eol] + tok.encode(f"Final Answer: {last.answer}") + [tok.eos_id]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -100,23 +107,29 @@ QUERY = Item(2, 3, "6 * 6 + 1", "6 * 6 + 1 = 6 + 1 = 7.", "", "7")
 
 
 def test_latent_prompt_layout(random_dir):
+    """toy: the thought follows the question's blank line (the chunker keeps a paragraph's blank
+    line with it); the text around the latents is the document's own tokenization."""
     tok = load_tokenizer(random_dir)
     lat = tok.latent
     got = build_prompt(QUERY, EXEMPLARS, "latent", tok)
-    want = (
-        [tok.bos_id, *tok.encode("Problem:\n3 + 4 * 2"), lat.sol, lat.prior, *tok.encode("3 + 4 * 2 = 7 * 2 = 4."),
-         lat.eol, *tok.encode("\n\nFinal Answer: 4\n\nProblem:\n9 - 5 - 7"), lat.sol, lat.prior,
-         *tok.encode("9 - 5 - 7 = 4 - 7 = 7."), lat.eol, *tok.encode("\n\nFinal Answer: 7\n\nProblem:\n6 * 6 + 1"),
-         lat.sol, lat.prior]
-    )
-    assert got == want
     assert tok.decode(got) == (
-        "<s>Problem:\n3 + 4 * 2<|START_OF_LATENT|><|PRIOR_PREFIX|>3 + 4 * 2 = 7 * 2 = 4.<|END_OF_LATENT|>"
-        "\n\nFinal Answer: 4\n\nProblem:\n9 - 5 - 7<|START_OF_LATENT|><|PRIOR_PREFIX|>9 - 5 - 7 = 4 - 7 = 7."
-        "<|END_OF_LATENT|>\n\nFinal Answer: 7\n\nProblem:\n6 * 6 + 1<|START_OF_LATENT|><|PRIOR_PREFIX|>"
+        "<s>Problem:\n3 + 4 * 2\n\n<|START_OF_LATENT|><|PRIOR_PREFIX|>3 + 4 * 2 = 7 * 2 = 4.<|END_OF_LATENT|>"
+        "Final Answer: 4\n\nProblem:\n9 - 5 - 7\n\n<|START_OF_LATENT|><|PRIOR_PREFIX|>9 - 5 - 7 = 4 - 7 = 7."
+        "<|END_OF_LATENT|>Final Answer: 7\n\nProblem:\n6 * 6 + 1\n\n<|START_OF_LATENT|><|PRIOR_PREFIX|>"
     )
+    # Without the latents, the prompt's text tokens are the start of the tokenized document that
+    # holds the same text (the query's answer following), exactly as merge writes a document.
+    text_ids, inside = [], False
+    for i in got[1:]:
+        inside = (inside or i == lat.prior) and i != lat.eol
+        if not inside and i not in (lat.sol, lat.eol):
+            text_ids.append(i)
+    doc = ("Problem:\n3 + 4 * 2\n\nFinal Answer: 4\n\nProblem:\n9 - 5 - 7\n\nFinal Answer: 7\n\n"
+           "Problem:\n6 * 6 + 1\n\nFinal Answer: 7")
+    assert tok.encode(doc)[: len(text_ids)] == text_ids and tok.decode(text_ids) == doc[: doc.rindex("Final")]
     # zero-shot: just the problem and the opening of the latent
-    assert build_prompt(QUERY, [], "latent", tok) == [tok.bos_id, *tok.encode("Problem:\n6 * 6 + 1"), lat.sol, lat.prior]
+    zero = build_prompt(QUERY, [], "latent", tok)
+    assert zero[-2:] == [lat.sol, lat.prior] and tok.decode(zero[1:-2]) == "Problem:\n6 * 6 + 1\n\n"
 
 
 def test_raw_prompt_layout(random_dir):
@@ -129,15 +142,74 @@ def test_raw_prompt_layout(random_dir):
     toy = toy_items(3, 0)
     prompt = build_prompt(toy[2], toy[:2], "raw", tok)
     text = "\n\n".join(problem_text(p) for p in problems)
-    head = "\n\n".join(problem_text(p) for p in problems[:2]) + f"\n\nProblem:\n{problems[2].question}\n"
+    head = "\n\n".join(problem_text(p) for p in problems[:2]) + f"\n\nProblem:\n{problems[2].question}\n\n"
     assert tok.decode(prompt) == "<s>" + head
     # ... and its tokens are a prefix of the tokenization of the whole document (no boundary effect)
     assert [tok.bos_id, *tok.encode(text)][: len(prompt)] == prompt
-    # gsm8k/math: the plain-text solution between the question and the final answer
-    gsm = Item(0, 1, "How many?", "2 + 2 = 4", "2 + 2 = 4", "4")
-    assert tok.decode(build_prompt(QUERY, [gsm], "raw", tok)) == (
-        "<s>Problem:\nHow many?\n2 + 2 = 4\nFinal Answer: 4\n\nProblem:\n6 * 6 + 1\n"
+    # gsm8k: the plain-text solution between the question and the final answer line
+    gsm = Item(0, 1, "How many?", "2 + 2 = 4.", "2 + 2 = 4.", "4")
+    assert tok.decode(build_prompt(Item(1, 2, "And now?", "", "", "5"), [gsm], "raw", tok, "gsm8k")) == (
+        "<s>Question: How many?\nFinal Answer: 2 + 2 = 4. The final answer is 4. I hope it is correct."
+        "\n\n\n\n##Problem\nQuestion: And now?\nFinal Answer:"
     )
+
+
+def test_fixed_exemplar_prompts_in_the_reference_layout(random_dir):
+    tok = load_tokenizer(random_dir)
+    q = Item(0, 1, "Sue has 3 cats. How many legs?", "", "", "12")
+    text = tok.decode(build_prompt(q, fixed_exemplars("gsm8k"), "latent", tok, "gsm8k"))
+    shots = text.split("\n\n\n\n##Problem\n")
+    assert len(shots) == 9 and len(fixed_exemplars("gsm8k")) == 8
+    question, latent, answer = GSM8K[0]
+    assert shots[0] == (f"<s>Question: {question}\nFinal Answer:<|START_OF_LATENT|><|PRIOR_PREFIX|>{latent}"
+                        f"<|END_OF_LATENT|> The final answer is {answer}. I hope it is correct.")
+    assert shots[-1] == "Question: Sue has 3 cats. How many legs?\nFinal Answer:<|START_OF_LATENT|><|PRIOR_PREFIX|>"
+    # every fixed exemplar grades as right under its own task's grader
+    for task in ("gsm8k", "math", "mmlu_stem"):
+        exemplars = fixed_exemplars(task)
+        assert len(exemplars) == (8 if task == "gsm8k" else 4)
+        for e in exemplars:
+            f = LAYOUTS[task]
+            generation = f"{f.latent(task, e)}<|END_OF_LATENT|>{f.tail(task, e)}"
+            assert grade(task, generation, e.answer)[1], (task, e.question)
+    math = tok.decode(build_prompt(Item(0, 1, "What is $1+1$?", "", "", "2"), fixed_exemplars("math")[:1],
+                                   "latent", tok, "math"))
+    assert math.endswith("correct.\n\nProblem:\nWhat is $1+1$?\n<|START_OF_LATENT|><|PRIOR_PREFIX|>")
+    assert "\nThe final answer is $6$\n<|END_OF_LATENT|> Final Answer: The final answer is $6$. I hope it is correct." in math
+    mmlu = Item(0, 1, "Pick one.", "", "", "B", ("x", "y", "z", "w"))
+    text = tok.decode(build_prompt(mmlu, [], "latent", tok, "mmlu_stem"))
+    assert text == "<s>Question: Pick one.\n(A) x\n(B) y\n(C) z\n(D) w\nAnswer:<|START_OF_LATENT|><|PRIOR_PREFIX|>"
+
+
+def test_sentencepiece_prompt_has_no_piece_training_never_shows(tmp_path):
+    """Encoding the text after EoL on its own would start it with SentencePiece's dummy-prefix
+    `▁`; the prompt instead has the document's own tokens there, as merge writes them."""
+    import sentencepiece as spm
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join([f"Question: How many {w}?\nFinal Answer: The final answer is {n}. I hope it is correct."
+                                 for n, w in enumerate(["cats", "dogs", "apples", "coins", "pens"] * 40)]))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=330,
+                                   model_type="bpe", byte_fallback=True, minloglevel=2,
+                                   # as Llama's: newlines kept, spaces never merged
+                                   normalization_rule_name="identity", remove_extra_whitespaces=False)
+    tok = load_tokenizer(str(tmp_path / "sp.model"))
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    ex = Item(0, None, "How many cats?", "Two and two make four.", "", "4")
+    ids = build_prompt(Item(1, None, "How many dogs?", "", "", "3"), [ex], "latent", tok, "gsm8k")
+    eol = ids.index(tok.latent.eol)
+    doc = "Question: How many cats?\nFinal Answer: The final answer is 4. I hope it is correct."
+    doc_ids = sp.encode(doc)
+    cut = len(sp.encode("Question: How many cats?\nFinal Answer:"))
+    tail = " The final answer is 4. I hope it is correct."
+    assert ids[eol + 1 : eol + 1 + len(doc_ids) - cut] == doc_ids[cut:]
+    alone = sp.encode(tail)  # what encoding the text after EoL on its own gives: an extra dummy `▁`
+    assert alone != doc_ids[cut:] and sp.id_to_piece(alone[0]) == "▁"
+    # the text before SoL and after EoL is the document's tokenization, cut in token space
+    sol = ids.index(tok.latent.sol)
+    assert ids[1:sol] == doc_ids[:cut] and ids[0] == tok.bos_id
+    # the latent is encoded on its own, as the warm start encodes a teacher's latent
+    assert ids[sol + 2 : ids.index(tok.latent.eol)] == sp.encode(ex.reasoning)
 
 
 # -------------------------------------------------------------------------------- greedy decoding
@@ -181,35 +253,47 @@ def test_greedy_batched_matches_transformers_generate(random_dir):
 
 # ---------------------------------------------------------------------------------------- graders
 def test_gsm8k_grader_and_items(tmp_path):
-    assert grade("gsm8k", " Final Answer: 1,234.\n", "1234") == ("1234", True)
-    assert grade("gsm8k", "Final Answer: -10", "-10") == ("-10", True)
-    assert grade("gsm8k", "Final Answer: 10", "-10") == ("10", False)
-    assert grade("gsm8k", "Final Answer: $5.00", "5") == ("5.00", True)
-    assert grade("gsm8k", "Final Answer: 12 apples, not 13", "13") == ("12", False)
-    assert grade("gsm8k", "the answer is 13", "13") == (None, False)
+    # The last number of the latent (the text before the first EoL), as the reference grades.
+    assert grade("gsm8k", "So 1,000 + 234 = 1,234.<|END_OF_LATENT|> The final answer is 9.", "1234") == ("1234", True)
+    assert grade("gsm8k", "Down by 10, it is -10.<|END_OF_LATENT|>", "-10") == ("-10", True)
+    assert grade("gsm8k", "It is $5.00<|END_OF_LATENT|> The final answer is 5.", "5") == ("5.00", False)
+    assert grade("gsm8k", "First 12, then 13 apples<|END_OF_LATENT|>", "12") == ("13", False)
+    assert grade("gsm8k", "the answer is 13 The final answer is 13.", "13") == (None, False)  # no EoL
     f = tmp_path / "gsm.jsonl"
     write_jsonl(f, [{"question": "Q?", "answer": "He has 2,000+125=<<2000+125=2125>>2,125 coins.\n#### 2,125"}])
     (item,) = load_items(str(f), "gsm8k").items
     assert (item.answer, item.reasoning, item.line) == ("2125", "He has 2,000+125=2,125 coins.", 1)
-    assert grade("gsm8k", "Final Answer: 2,125", item.answer)[1]
+    assert grade("gsm8k", "So 2,125.<|END_OF_LATENT|>", item.answer)[1]
 
 
 def test_math_grader_and_items(tmp_path):
     sol = "So $x = \\boxed{\\frac{1}{\\sqrt{2}}}$.The answer is: \\frac{1}{\\sqrt{2}}"
     assert last_boxed(sol) == "\\frac{1}{\\sqrt{2}}"
     assert last_boxed("first \\boxed{1} then \\boxed{\\{a, b\\}^{2}}") == "\\{a, b\\}^{2}"
-    assert grade("math", "<|END_OF_LATENT|> Final Answer: \\frac{\\sqrt{2}}{2}\n", "\\frac{1}{\\sqrt{2}}")[1]
-    assert grade("math", "Final Answer: $\\boxed{\\frac{\\sqrt{2}}{2}}$.", "\\frac{1}{\\sqrt{2}}")[1]
-    assert not grade("math", "Final Answer: \\frac{\\sqrt{3}}{2}", "\\frac{1}{\\sqrt{2}}")[1]
+    # math-verify on the whole generation
+    right = "x = 1/sqrt2\n<|END_OF_LATENT|> Final Answer: The final answer is $\\frac{\\sqrt{2}}{2}$. I hope it is correct."
+    assert grade("math", right, "\\frac{1}{\\sqrt{2}}")[1]
+    assert not grade("math", right.replace("sqrt{2}}{2}", "sqrt{3}}{2}"), "\\frac{1}{\\sqrt{2}}")[1]
     assert grade("math", "no answer here", "1") == (None, False)
-    # `\$` is a dollar sign, not a math delimiter
-    assert grade("math", "Final Answer: \\$18.90", "\\$18.90")[1]
-    assert not grade("math", "Final Answer: \\$18.80", "\\$18.90")[1]
     f = tmp_path / "math.jsonl"
     write_jsonl(f, [{"problem": "P?", "solution": sol}, {"question": "Q?", "answer": "It is $\\boxed{3}$."}])
     a, b = load_items(str(f), "math").items
     assert (a.question, a.answer, a.reasoning) == ("P?", "\\frac{1}{\\sqrt{2}}", "So $x = \\boxed{\\frac{1}{\\sqrt{2}}}$.")
     assert (b.question, b.answer) == ("Q?", "3")
+
+
+def test_mmlu_stem_grader_and_items(tmp_path):
+    assert grade("mmlu_stem", "Not (A) but (C).<|END_OF_LATENT|> The answer is (C) z.", "C") == ("C", True)
+    assert grade("mmlu_stem", "Thus (B).<|END_OF_LATENT|> The answer is (D) w.", "B") == ("D", False)
+    assert grade("mmlu_stem", "no letter", "A") == (None, False)
+    f = tmp_path / "mmlu.jsonl"
+    write_jsonl(f, [{"question": "Q1", "choices": ["a", "b", "c", "d"], "answer": 2, "subject": "college_physics"},
+                    {"question": "Q2", "choices": ["a", "b", "c", "d"], "answer": 0, "subject": "philosophy"},
+                    {"question": "Q3", "choices": ["a", "b"], "answer": "B"}])
+    loaded = load_items(str(f), "mmlu_stem")
+    assert [(i.question, i.answer, i.choices) for i in loaded.items] == [("Q1", "C", ("a", "b", "c", "d")),
+                                                                         ("Q3", "B", ("a", "b"))]
+    assert (loaded.skipped, loaded.reason) == (1, "not a STEM subject")
 
 
 def test_toy_grader():
@@ -253,7 +337,7 @@ def test_evaluate_latent_generated_toy(trained_dir, tmp_path):
     assert json.loads((tmp_path / "accuracy.json").read_text()) == res
     # the model writes a latent, closes it and answers (not always, after 100 steps), and the text
     # stops before the next problem
-    assert any("<|END_OF_LATENT|>\n\nFinal Answer:" in r["generation"] for r in rows)
+    assert any("<|END_OF_LATENT|>Final Answer:" in r["generation"] for r in rows)
     assert all("Problem:" not in r["generation"] and "<|START_OF_LATENT|>" not in r["generation"] for r in rows)
 
 
@@ -270,11 +354,15 @@ def test_evaluate_gsm8k_skips_unusable_and_uses_exemplar_file(random_dir, tmp_pa
     res = evaluate(random_dir, "gsm8k", str(data), shots=1, exemplars=str(ex), fmt="raw", max_new_tokens=4)
     assert (res["n"], res["skipped"], res["skipped_first_lines"]) == (3, 1, [2])
     assert "skipped 1 unusable item(s)" in capsys.readouterr().err
+    # by default: the 8 fixed exemplars, every item scored, the reference's 1024 new tokens clamped
+    # so that half of this model's 512-token context stays for the prompt, which loses its oldest tokens
+    res = evaluate(random_dir, "gsm8k", str(data), limit=1)
+    err = capsys.readouterr().err
+    assert (res["shots"], res["n"], res["max_new_tokens_requested"], res["max_new_tokens"]) == (8, 1, 1024, 256)
+    assert "fixed gsm8k exemplar" in res["exemplars"] and "clamped to 256" in err
+    assert res["truncated_prompts"] == 1 and "1 prompt(s) longer than" in err
     res = evaluate(random_dir, "gsm8k", str(data), shots=1, fmt="raw", max_new_tokens=4)
-    assert res["n"] == 2 and "not scored" in res["exemplars"] and res["truncated_prompts"] == 0
-    # prompts that do not fit the context (512) with the generation budget lose their oldest tokens
-    res = evaluate(random_dir, "gsm8k", str(data), shots=1, fmt="raw", max_new_tokens=505, limit=1)
-    assert res["truncated_prompts"] == 1 and "1 prompt(s) longer than" in capsys.readouterr().err
+    assert res["n"] == 3 and res["truncated_prompts"] == 0 and res["max_new_tokens"] == 4
 
 
 # ------------------------------------------------------------------------------------- bad input
@@ -294,8 +382,10 @@ def one_line_error(capsys, *argv: str) -> str:
         ("toy", ['{"question": "one plus two", "answer": "3"}'], r"bad\.jsonl:1: field 'question' is not a toy problem"),
         ("gsm8k", ['{"question": "Q", "solution": "#### 3"}'], r"bad\.jsonl:1: missing field 'answer'"),
         ("math", ['{"solution": "\\\\boxed{1}"}'], r"bad\.jsonl:1: missing field 'problem' \(or 'question'\)"),
-        ("math", ['{"problem": "P", "solution": "no box"}'] * 3, r"bad\.jsonl: 0 usable item\(s\).*skipped 3 .*no \\boxed.*first lines 1, 2, 3"),
+        ("math", ['{"problem": "P", "solution": "no box"}'] * 3, r"bad\.jsonl: no usable items.*skipped 3 .*no \\boxed.*first lines 1, 2, 3"),
         ("gsm8k", ['[1, 2]'], r"bad\.jsonl:1: expected a JSON object"),
+        ("mmlu_stem", ['{"question": "Q", "choices": "abcd", "answer": 0}'], r"bad\.jsonl:1: field 'choices' must be"),
+        ("mmlu_stem", ['{"question": "Q", "choices": ["a", "b"], "answer": 2}'], r"bad\.jsonl:1: field 'answer' must be"),
     ],
 )
 def test_bad_input_one_line_errors(random_dir, tmp_path, capsys, task, lines, expect):
@@ -310,7 +400,10 @@ def test_bad_arguments_one_line_errors(random_dir, tmp_path, capsys):
     assert "--data is required" in one_line_error(capsys, "--model", random_dir, "--task", "math")
     assert "not an HF model directory" in one_line_error(capsys, "--model", str(tmp_path), "--task", "toy")
     assert "--shots must be at least 0" in one_line_error(capsys, "--model", random_dir, "--task", "toy", "--shots", "-1")
-    assert "no room" in one_line_error(capsys, "--model", random_dir, "--task", "toy", "--max-new-tokens", "512", "--limit", "1")
+    g = tmp_path / "g.jsonl"
+    write_jsonl(g, [{"question": "Q?", "answer": "#### 1"}])
+    assert "8 fixed exemplars" in one_line_error(capsys, "--model", random_dir, "--task", "gsm8k", "--data", str(g),
+                                                 "--shots", "9")
     ex = tmp_path / "ex.jsonl"
     write_jsonl(ex, make_eval_items(1, 0))
     err = one_line_error(capsys, "--model", random_dir, "--task", "toy", "--exemplars", str(ex), "--shots", "2")

@@ -12,7 +12,12 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_bolt.cli import main as bolt_main
 from megatron_bolt.data.indexed import document_paths
-from megatron_bolt.data.merge import merge_latents
+from megatron_bolt.data.merge import (
+    epochs_for,
+    merge_latents,
+    planned_train_tokens,
+    read_summary,
+)
 from megatron_bolt.errors import UserError
 from megatron_bolt.stores.chunk_store import ChunkStore, write_chunk_store
 from megatron_bolt.stores.latent_store import LatentStore
@@ -136,7 +141,9 @@ def test_merge_structure_order_share_and_determinism(tmp_path):
     for a, b in zip(document_paths(tmp_path / "out" / "ltm"), document_paths(tmp_path / "again")):
         assert Path(a).read_bytes() == Path(b).read_bytes()
     assert Path(document_paths(tmp_path / "other")[0]).read_bytes() != Path(document_paths(tmp_path / "again")[0]).read_bytes()
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ltm_text_document.bin", "ltm_text_document.idx"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "ltm_text_document.bin", "ltm_text_document.idx", "ltm_text_document.merge.json"]
+    assert read_summary(tmp_path / "out" / "ltm") == summary
 
 
 def test_posterior_prob_extremes(tmp_path):
@@ -235,6 +242,9 @@ def test_cli_and_tool(tmp_path, capsys):
     rc = bolt_main(["merge", "--chunks", chunks_path, "--latents", latents_path, "--output-prefix",
                     str(tmp_path / "cli"), "--epochs", "0"])
     assert rc == 2 and "--epochs must be >= 1" in capsys.readouterr().err
+    rc = bolt_main(["merge", "--chunks", chunks_path, "--latents", latents_path, "--output-prefix",
+                    str(tmp_path / "cli"), "--min-tokens", "2000", "--quiet"])
+    assert rc == 0 and read_summary(tmp_path / "cli").tokens >= 2000 and read_summary(tmp_path / "cli").epochs > 1
     help_text = subprocess.run([sys.executable, str(REPO / "tools" / "merge_latents.py"), "--help"],
                                capture_output=True, text=True, check=True).stdout
     assert "--posterior-prob" in help_text and "--allow-missing" in help_text
@@ -261,3 +271,57 @@ def test_empty_latents_written_raw_and_raw_baseline(tmp_path):
     s = merge_latents(chunks_path, None, tmp_path / "raw", progress=False)
     raw_docs = [[sp["bos"], *[t for x, _ in ref for t in x], sp["eos"]] for ref in want]
     assert read_documents(str(tmp_path / "raw")) == raw_docs and s.latent_tokens == 0
+
+
+def _epoch_tokens(prefix: Path, docs_per_epoch: int) -> list[int]:
+    docs = read_documents(str(prefix))
+    return [sum(len(d) for d in docs[e : e + docs_per_epoch]) for e in range(0, len(docs), docs_per_epoch)]
+
+
+def test_epochs_derived_from_the_planned_training_tokens(tmp_path):
+    """--min-tokens: the fewest epochs that hold a training run's tokens, each with its own forms."""
+    chunks_path, latents_path = make_stores(tmp_path, docs=20)
+    n_docs = len(expected(chunks_path, latents_path))
+    one = merge_latents(chunks_path, latents_path, tmp_path / "one", epochs=1, seed=2, progress=False)
+    # a run of 10 steps x 8 samples x 32 tokens, as Megatron reads it (+1 token, +0.5% in a blend)
+    planned = planned_train_tokens(10, 8, 32)
+    assert planned == 81 * 32 + 1
+    s = merge_latents(chunks_path, latents_path, tmp_path / "auto", epochs=None, min_tokens=planned, seed=2,
+                      progress=False)
+    per_epoch = _epoch_tokens(tmp_path / "auto", n_docs)
+    assert len(per_epoch) == s.epochs > 1 and per_epoch[0] == one.tokens
+    assert s.tokens == sum(per_epoch) >= planned > sum(per_epoch[:-1])  # enough, and one epoch fewer is not
+    assert s.epochs in (epochs_for(planned, one.tokens), epochs_for(planned, one.tokens) + 1)
+    assert read_summary(tmp_path / "auto").epochs == s.epochs
+    # the same file as asking for that many epochs
+    merge_latents(chunks_path, latents_path, tmp_path / "fixed", epochs=s.epochs, seed=2, progress=False)
+    assert Path(document_paths(tmp_path / "fixed")[0]).read_bytes() == Path(document_paths(tmp_path / "auto")[0]).read_bytes()
+    # a run shorter than one epoch still gets the whole corpus once
+    assert merge_latents(chunks_path, latents_path, tmp_path / "short", epochs=None, min_tokens=5,
+                         progress=False).epochs == 1
+    # raw copies count towards the tokens: with R = 1 about half the epochs are needed
+    r = merge_latents(chunks_path, latents_path, tmp_path / "mix", epochs=None, min_tokens=planned, raw_mix=1.0,
+                      seed=2, progress=False)
+    assert r.tokens >= planned and r.epochs < s.epochs and r.raw_documents == r.epochs * n_docs
+    with pytest.raises(UserError, match="either --epochs or --min-tokens"):
+        merge_latents(chunks_path, latents_path, tmp_path / "x", epochs=2, min_tokens=planned, progress=False)
+
+
+def test_megatron_reads_a_derived_merge_without_wrapping(tmp_path):
+    """The point of the derived epochs: Megatron's GPTDataset needs a single pass over the file."""
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+
+    chunks_path, latents_path = make_stores(tmp_path, docs=20)
+    steps, global_batch, seq_len = 12, 8, 32
+    merge_latents(chunks_path, latents_path, tmp_path / "auto", epochs=None,
+                  min_tokens=planned_train_tokens(steps, global_batch, seq_len), progress=False)
+    ds = GPTDataset.__new__(GPTDataset)  # only the epoch arithmetic, on the file's own token count
+    ds.dataset = IndexedDataset(str(tmp_path / "auto_text_document"))
+    ds.indices = np.arange(len(ds.dataset))
+    ds.num_samples = int(np.ceil(steps * global_batch * 1.005))
+    ds.config = type("C", (), {"sequence_length": seq_len, "add_extra_token_to_sequence": True})()
+    assert ds._get_num_epochs(ds._get_num_tokens_per_epoch()) == 1
+    merge_latents(chunks_path, latents_path, tmp_path / "one", epochs=1, progress=False)
+    ds.dataset = IndexedDataset(str(tmp_path / "one_text_document"))
+    ds.indices = np.arange(len(ds.dataset))
+    assert ds._get_num_epochs(ds._get_num_tokens_per_epoch()) > 1  # a single epoch would be re-read

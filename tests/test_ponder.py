@@ -43,7 +43,7 @@ def _model(latents: int):
 
 @pytest.mark.parametrize("latents", [1, 2])
 def test_jacobi_equals_sequential_kv_cached(single_rank, latents):
-    from megatron_bolt.models.ponder_generate import prefill, sequential_logits, step_token
+    from megatron_bolt.models.generation import prefill, sequential_logits, step_token
 
     model, cfg = _model(latents)
     V = cfg.model.vocab_size
@@ -69,9 +69,43 @@ def test_jacobi_equals_sequential_kv_cached(single_rank, latents):
     torch.testing.assert_close(nxt, reference[:, 6], atol=1e-4, rtol=1e-4)
 
 
+def test_warm_up_grows_the_sequence_and_prefill_runs_j_iterations(single_rank):
+    """K = 2, J = 1 by hand: a plain pass; a pass over (e, z1) whose two slot outputs become z1, z2
+    (PonderLM-2's warm-up, not copies of the plain pass); one Jacobi pass over (e, z1, z2); the
+    final pass. The generation prefill ends with that final pass, so its logits are the forward's."""
+    from megatron_bolt.models.generation import prefill
+
+    model, cfg = _model(2)
+    V, T = cfg.model.vocab_size, 7
+    tokens = torch.randint(1, V, (1, T), generator=torch.Generator().manual_seed(3))
+    pos = torch.arange(T)
+    with torch.no_grad():
+        emb = model.embed(tokens, pos.unsqueeze(0))  # [T, 1, h]
+
+        def run(slots):  # slots: [T, s, 1, h] -> outputs [T, s, 1, h]
+            s = slots.shape[1]
+            out = model.decoder(hidden_states=slots.reshape(T * s, 1, -1), attention_mask=None,
+                                rotary_pos_emb=model.rotary_for(pos.repeat_interleave(s)))
+            return out.view(T, s, 1, -1)
+
+        plain = run(emb[:, None])[:, 0]
+        warm = run(torch.stack([emb, plain], 1))
+        z1, z2 = warm[:, 0], warm[:, 1]
+        jac = run(torch.stack([emb, z1, z2], 1))
+        final = run(torch.stack([emb, jac[:, 0], jac[:, 1]], 1))
+        want = model.logits(final[:, 2])[..., :V].transpose(0, 1).float()
+        model.jacobi_override = 1
+        got = model(tokens, pos.unsqueeze(0), None)[..., :V].float()
+        _, last = prefill(model, tokens, V, jacobi_iters=1)
+        model.jacobi_override = None
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(last, got[:, -1], atol=1e-4, rtol=1e-4)
+    assert (z2 - plain).abs().max() > 1e-2  # z2 starts from a 2-step computation, not a copy of z1
+
+
 def test_cached_decoding_of_a_gpt_model_matches_its_forward(single_rank):
     """`bolt generate` on vanilla checkpoints uses the same cached decoder with K = 0."""
-    from megatron_bolt.models.ponder_generate import generate, prefill, sequential_logits
+    from megatron_bolt.models.generation import generate, prefill, sequential_logits
     from megatron_bolt.training.loop import build_model
 
     cfg = load_config(TINY_CONFIG, ["model.seq_len=16", "model.init_std=0.2"])
@@ -198,3 +232,70 @@ def test_generate_and_score_ponder_checkpoint(ponder_baseline, tmp_path):
     assert outs[0] == outs[1]  # greedy decoding agrees at TP=1 and TP=2
     bolt("score", "--ckpt", str(ckpt_dir), "--input", str(prompts), "--output", str(tmp_path / "s.jsonl"))
     assert len((tmp_path / "s.jsonl").read_text().splitlines()) == 3
+
+
+def test_ponder_export_to_hf_matches_megatron(single_rank, tmp_path):
+    """A ponder checkpoint (K = 2, q/k/v biases, head dim 32 != 64/4, tied embeddings) exported to
+    HF with its modeling code: transformers loads it (trust_remote_code), and its log-likelihood,
+    its generate and the engine of `bolt eval` agree with the Megatron model; `bolt score` gives the
+    same numbers on the checkpoint and on the export."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    from megatron_bolt.convert.mcore_to_hf import convert_mcore_to_hf
+    from megatron_bolt.evaluation.evaluate import evaluate
+    from megatron_bolt.inference.local import LocalEngine
+    from megatron_bolt.models.generation import generate
+    from megatron_bolt.tokenizer import train_bpe_tokenizer
+    from megatron_bolt.toy.world import make_documents
+    from megatron_bolt.training.checkpoint import save_checkpoint
+    from megatron_bolt.training.loop import build_model
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_documents(20, 0)))
+    tok = train_bpe_tokenizer([str(docs)], 320, str(tmp_path / "tok"))
+    cfg = load_config(TINY_CONFIG, ["model.type=ponder", "model.latents_per_token=2", "model.seq_len=64",
+                                    "model.init_std=0.2", f"model.vocab_size={tok.vocab_size}", "model.qkv_bias=true",
+                                    "model.kv_channels=32", "model.tie_embeddings=true"])
+    model = build_model(cfg, wrap_ddp=False).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("linear_qkv.bias"):
+                p.normal_(0, 0.2, generator=torch.Generator().manual_seed(5))
+    ckpt = tmp_path / "ckpt"
+    save_checkpoint(ckpt, 0, [model], cfg=cfg)
+    shutil.copytree(tmp_path / "tok", ckpt / "tokenizer")
+    convert_mcore_to_hf(ckpt, tmp_path / "hf", log=lambda *a: None)
+    assert {"modeling_ponder.py", "configuration_ponder.py", "tokenizer.json"} <= {
+        p.name for p in (tmp_path / "hf").iterdir()}
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", trust_remote_code=True, dtype=torch.float32).eval()
+    assert type(hf).__name__ == "PonderForCausalLM" and hf.config.latents_per_token == 2
+
+    V, T = cfg.model.vocab_size, 12
+    tokens = torch.randint(1, V, (2, T), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = model(tokens, torch.arange(T).unsqueeze(0).expand(2, T), None)[..., :V].float()
+        got = hf(input_ids=tokens).logits.float()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+    prompts = [tokens[0, :7].tolist(), tokens[1, :4].tolist()]
+    ref = [generate(model, p, 6, V) for p in prompts]
+    for p, r in zip(prompts, ref):
+        out = hf.generate(torch.tensor([p]), max_new_tokens=6, eos_token_id=[])
+        assert out[0, len(p):].tolist() == r
+    # bolt eval's engine: both prompts in one left-padded batch, one shared cache
+    rows = LocalEngine(str(tmp_path / "hf"), device="cpu").generate_greedy(prompts, 6, stop=[])
+    assert [r.tokens for r in rows] == ref
+    result = evaluate(str(tmp_path / "hf"), "toy", None, shots=1, limit=2, max_new_tokens=4, batch_size=2)
+    assert result["n"] == 2 and result["truncated_prompts"] == 2  # ran; prompts cut to the 64-token context
+
+    seqs = tmp_path / "seqs.jsonl"
+    seqs.write_text("".join(json.dumps({"tokens": s}) + "\n" for s in tokens.tolist()))
+    scores = {}
+    for name, target in (("megatron", ckpt), ("hf", tmp_path / "hf")):
+        bolt("score", "--ckpt", str(target), "--input", str(seqs), "--output", str(tmp_path / f"{name}.jsonl"))
+        scores[name] = [json.loads(x)["logprob"] for x in (tmp_path / f"{name}.jsonl").read_text().splitlines()]
+    lp = torch.log_softmax(got, -1)[:, :-1].gather(-1, tokens[:, 1:, None])[..., 0].sum(-1).tolist()
+    for a, b, c in zip(scores["megatron"], scores["hf"], lp):
+        assert abs(a - b) <= 1e-4 * abs(a) and abs(a - c) <= 1e-4 * abs(a), (a, b, c)

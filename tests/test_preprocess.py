@@ -187,6 +187,17 @@ def test_chunk_poisson_mean_flag(tmp_path, toks):
     with pytest.raises(UserError, match="--chunk-poisson-mean"):
         preprocess(PreprocessConfig([data], str(tmp_path / "bad"), toks["HuggingFaceTokenizer"],
                                     chunk_store=str(tmp_path / "bad.zarr"), chunk_poisson_mean=-1))
+    # --chunking uniform: the reference's validation chunks, ceil(units / 8) of them per document
+    prefix = str(tmp_path / "uniform")
+    assert bolt_main(["preprocess", "--input", data, "--output-prefix", prefix, "--tokenizer-model",
+                      toks["HuggingFaceTokenizer"], "--chunk-store", prefix + ".zarr", "--chunking", "uniform",
+                      "--no-progress"]) == 0
+    uniform = ChunkStore.open(prefix + ".zarr")
+    assert uniform.attrs["chunking"] == "uniform" and uniform.num_tokens == stores["7"].num_tokens
+    from megatron_bolt.data.chunking import sentence_boundaries
+
+    want = [-(-(len(sentence_boundaries(t)) + 1) // 8) for t in texts]
+    assert [b - a for a, b in (uniform.doc_chunk_range(d) for d in range(len(texts)))] == want
 
 
 def test_interrupted_run_leaves_no_output_pair(tmp_path, toks, monkeypatch):

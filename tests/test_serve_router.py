@@ -1,4 +1,5 @@
-"""The SGLang client through the real `sglang-router` in front of two `bolt serve` worker processes."""
+"""The SGLang client through the real `sglang-router` in front of two `bolt serve` worker processes
+(started with --enable-deterministic-inference, as slurm/fleet.sbatch starts them by default)."""
 
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ def fleet(tmp_path):
         for _ in range(2):
             port = free_port()
             p = subprocess.Popen(
-                [sys.executable, "-m", "megatron_bolt.cli", "serve", "--model", model_dir, "--port", str(port)],
+                [sys.executable, "-m", "megatron_bolt.cli", "serve", "--model", model_dir, "--port", str(port),
+                 "--enable-deterministic-inference"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 env={**os.environ, "OMP_NUM_THREADS": "1"},  # two workers on a small machine
             )
@@ -96,14 +98,19 @@ def test_router_fleet_matches_local_and_survives_a_dead_worker(fleet):
     model_dir, router_url, workers = fleet
     local = LocalEngine(model_dir)
     client = SGLangEngine(router_url, concurrency=8, backoff_s=0.1, max_backoff_s=1.0, retries=12)
+    direct = SGLangEngine(workers[1][0], concurrency=4)
     try:
-        a = local.sample(PROMPTS, 3, 20, STOP, seed=21)
+        assert client.context_length == 256 - 7  # the router passes the worker's /server_info on
+        # seeded, deterministic servers: the router's spreading does not change a sample
+        a = direct.sample(PROMPTS, 3, 20, STOP, seed=21)
         b = client.sample(PROMPTS, 3, 20, STOP, seed=21)
-        for sa, sb in zip(a, b):
-            for x, y in zip(sa, sb):
-                assert x.tokens == y.tokens and x.finished == y.finished
-                assert max(abs(p - q) for p, q in zip(x.logprobs, y.logprobs)) < 1e-3
-        conts = [s[1].tokens for s in a]
+        assert [[s.tokens for s in ss] for ss in a] == [[s.tokens for s in ss] for ss in b]
+        for prompt, sb in zip(PROMPTS, b):
+            got = [s.logprob_sum for s in sb]
+            want = local.score([prompt] * len(sb), [s.tokens for s in sb])
+            assert max(abs(p - q) for p, q in zip(got, want)) < 1e-3
+            assert all(s.finished == (s.tokens[-1] in STOP) for s in sb)
+        conts = [s[1].tokens for s in b]
         assert max(abs(p - q) for p, q in zip(local.score(PROMPTS, conts), client.score(PROMPTS, conts))) < 1e-3
 
         # Kill one worker (SIGKILL) while a larger request set is in flight: it must still complete.
@@ -126,18 +133,19 @@ def test_router_fleet_matches_local_and_survives_a_dead_worker(fleet):
         assert "err" not in result, result.get("err")
         out = result["out"]
         assert len(out) == 100 and all(len(s) == 2 for s in out)
-        ref = local.sample(many, 2, 24, STOP, seed=5)
+        ref = direct.sample(many, 2, 24, STOP, seed=5)
         assert [[s.tokens for s in ss] for ss in out] == [[s.tokens for s in ss] for ss in ref]
         assert workers[0][1].poll() is not None and workers[1][1].poll() is None
     finally:
         client.close()
+        direct.close()
 
 
-def test_estep_through_router_matches_local_store_despite_a_dead_worker(fleet, tmp_path):
+def test_estep_through_router_matches_a_direct_run_despite_a_dead_worker(fleet, tmp_path):
     import numpy as np
 
     from megatron_bolt.config import EStepConfig
-    from megatron_bolt.latents.estep import open_or_create_store, run_estep
+    from megatron_bolt.latents.estep import open_or_create_store, run_estep, weigh_latents
     from megatron_bolt.stores.chunk_store import ChunkStore, write_chunk_store
     from megatron_bolt.stores.latent_store import LatentStore
 
@@ -173,11 +181,22 @@ def test_estep_through_router_matches_local_store_despite_a_dead_worker(fleet, t
     client.close()
     assert not t.is_alive() and "err" not in result, result.get("err")
     fleet_store = result["store"]
-    local_store = estep(LocalEngine(model_dir), str(tmp_path / "local.zarr"))
+    direct = SGLangEngine(workers[0][0], concurrency=4)
+    try:
+        direct_store = estep(direct, str(tmp_path / "direct.zarr"))
+    finally:
+        direct.close()
     assert fleet_store.blocks_done() == set(range(fleet_store.num_blocks))
+    recs = []
     for i in range(chunks.num_chunks):
-        a, b = fleet_store.read_chunk(i), local_store.read_chunk(i)
+        a, b = fleet_store.read_chunk(i), direct_store.read_chunk(i)
         assert [list(z) for z in a["latents"]] == [list(z) for z in b["latents"]]
         for key in ("log_q", "log_p", "log_w"):
             np.testing.assert_allclose(a[key], b[key], atol=1e-3, rtol=0)
         assert a["chosen"] == b["chosen"]
+        recs.append(a)
+    # and the local engine gives the fleet's latents the same weights
+    idx = list(range(chunks.num_chunks))
+    lq, lp = weigh_latents(LocalEngine(model_dir), chunks, idx, [r["latents"] for r in recs], settings)
+    np.testing.assert_allclose(lq, np.array([r["log_q"] for r in recs]), atol=1e-3, rtol=0)
+    np.testing.assert_allclose(lp, np.array([r["log_p"] for r in recs]), atol=1e-3, rtol=0)

@@ -227,3 +227,42 @@ def test_em_sh_dry_run_chains_iterations(tmp_path):
     assert "--nodes=2 " in train4 and "checkpoint.load=iter3/checkpoints" in train4 and train4.endswith("train.steps=7")
     assert 'data.prefixes=\\[0.5\\,\\"warm/merged_text_document\\"\\,1\\,\\"iter4/data/ltm_text_document\\"\\]' in train4
     assert not (tmp_path / "logs").exists() and not (tmp_path / "iter3").exists()  # a dry run writes nothing
+
+
+def _readme_blocks(path: Path) -> list[str]:
+    """The ```bash blocks of a markdown file, line continuations joined."""
+    return [b.replace("\\\n", " ") for b in re.findall(r"```bash\n(.*?)```", path.read_text(), re.S)]
+
+
+def test_tinyllama_finemath_chain_dry_run(tmp_path):
+    """The paper's example as documented: every iteration trains from the base model on its own
+    latents only, the E-step uses the previous iteration's model, and the merges get the epochs of
+    the training length in train.yaml."""
+    from megatron_bolt.config import load_config
+    from megatron_bolt.data.merge import planned_train_tokens
+
+    example = REPO / "examples" / "tinyllama_finemath"
+    blocks = _readme_blocks(example / "README.md")
+    (chain,) = [b for b in blocks if "em.sh" in b]
+    run = tmp_path / "runs" / "tinyllama_finemath"
+    (run / "data" / "rest_chunks.zarr").mkdir(parents=True)
+    (run / "base" / "tokenizer").mkdir(parents=True)
+    (run / "train.yaml").write_text((example / "train.yaml").read_text())
+    proc = subprocess.run(["bash", "-c", f"B={REPO / 'slurm'}; " + chain.replace("em.sh ", "em.sh --dry-run ", 1)],
+                          cwd=run, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 18
+    train = load_config(example / "train.yaml")
+    iteration_tokens = planned_train_tokens(train.train.steps, train.train.global_batch, train.model.seq_len)
+    for n in (1, 2, 3):
+        export, _, estep, _, merge, trained = lines[6 * (n - 1): 6 * n]
+        assert f"--ckpt {'warmstart' if n == 1 else f'iter{n - 1}'}/checkpoints" in export
+        assert "SAMPLES=4 " in estep and "--prefix-chunks 3 --max-latent-tokens 1024" in estep
+        assert f"--min-tokens {iteration_tokens}" in merge
+        assert "checkpoint.load=base " in trained  # restart from the base model, every iteration
+        assert f'data.prefixes=\\[\\"iter{n}/data/ltm_text_document\\"\\]' in trained  # its latents only
+    # the warm start's merge covers its 4,069 x 96 x 2048 tokens, as its training command says
+    warm = " ".join(blocks)
+    assert f"--min-tokens {planned_train_tokens(4069, 96, 2048)}" in warm and "train.steps=4069 train.global_batch=96" in warm
+    assert not (run / "logs").exists()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 
@@ -11,6 +13,7 @@ from megatron_bolt.toy.world import (
     ToyWorld,
     grade,
     make_documents,
+    make_eval_items,
     sample_problem,
     solve,
     teacher_latent,
@@ -55,3 +58,30 @@ def test_teacher_explains_only_the_open_question():
 def test_grade_compares_numbers():
     assert grade("7: 10; 0: 08<|END_OF_LATENT|>\n\nFinal Answer: 08\n", "8")
     assert not grade("Final Answer: 18", "08") and not grade("no answer", "08")
+
+
+def _pairs_in(text: str) -> set[tuple[int, int]]:
+    return {(int(c), int(s)) for c, s in re.findall(rf"{STEP} \* (\d) \+ (\d\d)", text)}
+
+
+def test_eval_pairs_never_occur_in_the_corpus():
+    world = ToyWorld()
+    heldout = world.heldout_pairs()
+    # 12 of 100 starts for each of the 8 counts, the same split whatever the corpus seed
+    assert len(heldout) == 8 * 12 and heldout == ToyWorld().heldout_pairs()
+    corpus = set()
+    for seed in range(3):
+        corpus |= _pairs_in("\n".join(make_documents(300, seed)))
+    assert not corpus & heldout
+    assert len(corpus) > 0.95 * (800 - len(heldout))  # the corpus covers (nearly) all the other pairs
+    items = make_eval_items(len(heldout), seed=7)
+    asked = [(int(q.split()[2]), int(q.split()[4])) for q in (r["question"] for r in items)]
+    assert set(asked) == heldout  # every held-out pair once, before any repeats
+    assert all(solve(r["question"]).answer == r["answer"] for r in items)
+    assert len(make_eval_items(200, seed=7)) == 200
+
+
+def test_a_world_too_small_to_hold_out_evaluates_on_its_pairs():
+    small = ToyWorld(min_count=2, max_count=2, max_start=4)
+    assert small.heldout_pairs() == frozenset()
+    assert set(small.split_pairs("eval")) == set(small.split_pairs("corpus")) == set(small.pairs())

@@ -112,3 +112,54 @@ def test_bad_config_is_one_clear_line(override, message, capsys):
     err = capsys.readouterr().err
     assert message in err
     assert len(err.strip().splitlines()) == 1, err
+
+
+@pytest.fixture(scope="module")
+def four_layer_baseline(tmp_path_factory, synthetic_prefix):
+    tmp = tmp_path_factory.mktemp("four_layers")
+    return tmp, _metrics(_train(tmp, "pp1", synthetic_prefix, "model.num_layers=4"))
+
+
+def _metrics(output_dir) -> dict[int, dict]:
+    return {r["step"]: r for r in map(json.loads, (output_dir / "metrics.jsonl").read_text().splitlines())}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "overrides",
+    [("parallel.pp=2", "parallel.vp=2"),
+     ("train.distributed_optimizer=true", "parallel.overlap_grad_reduce=true", "parallel.overlap_param_gather=true")],
+    ids=["pp2-vp2", "dp2-overlap"],
+)
+def test_interleaved_pipeline_and_overlap_match_one_process(four_layer_baseline, synthetic_prefix, overrides):
+    """PP=2 x VP=2 (Megatron's interleaved 1F1B) and DP=2 with overlapped grad reduce / param
+    gather give the single-process losses and gradient norms, over gloo."""
+    tmp, reference = four_layer_baseline
+    run = _metrics(_train(tmp, "-".join(overrides), synthetic_prefix, "model.num_layers=4", *overrides, nproc=2))
+    assert sorted(run) == [1, 2, 3, 4, 5]
+    for step, ref in reference.items():
+        assert abs(run[step]["loss"] - ref["loss"]) <= 1e-4 * abs(ref["loss"]), (step, run[step], ref)
+        assert run[step]["grad_norm"] == pytest.approx(ref["grad_norm"], rel=1e-3)
+    assert reference[5]["loss"] < reference[1]["loss"]
+
+
+@pytest.mark.slow
+def test_dp_reshardable_optimizer_state_follows_a_dp_change_not_a_tp_change(tmp_path, synthetic_prefix):
+    """The default dp_reshardable distributed-optimizer checkpoint resumes at another DP size
+    exactly; at another TP it is an error naming the fix."""
+    opt = ("train.distributed_optimizer=true", "checkpoint.save_interval=2")
+    out = _train(tmp_path, "dp1", synthetic_prefix, "train.steps=4", *opt)
+    reference = _metrics(out)
+    (out / "checkpoints" / "latest_checkpointed_iteration.txt").write_text("2\n")
+    _train(tmp_path, "dp1", synthetic_prefix, "train.steps=4", *opt, nproc=2)  # resumes at DP=2
+    resumed = _metrics(out)
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert abs(resumed[step]["loss"] - reference[step]["loss"]) <= 1e-4 * reference[step]["loss"]
+
+    (out / "checkpoints" / "latest_checkpointed_iteration.txt").write_text("2\n")
+    proc = bolt("train", str(TINY_CONFIG), f"output_dir={out}", f"data.prefixes=[{synthetic_prefix}]",
+                f"data.cache_dir={tmp_path / 'cache'}", "train.steps=5", "train.warmup=1", *opt, "parallel.tp=2",
+                nproc=2, check=False)
+    assert proc.returncode != 0 and "cannot be loaded at tp 2" in proc.stderr
+    assert "checkpoint.optim_fully_reshardable=true" in proc.stderr

@@ -22,7 +22,7 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 from megatron_bolt.cli import main as bolt_main
 from megatron_bolt.errors import UserError
 from megatron_bolt.http_retry import retry_after as _retry_after
-from megatron_bolt.latents.teachers import DEFAULT_PROMPT, OpenAITeacher
+from megatron_bolt.latents.teachers import DEFAULT_PROMPT, DEFAULT_SYSTEM_PROMPT, OpenAITeacher
 from megatron_bolt.latents.warmstart import run_warmstart
 from megatron_bolt.stores.chunk_store import ChunkStore
 from megatron_bolt.stores.latent_store import LatentStore
@@ -136,11 +136,12 @@ class StandIn:
     were given, every request gets HTTP 400 ("quota exhausted")."""
 
     def __init__(self, key: str = KEY, faults: dict[int, str] | None = None, fail_after: int | None = None,
-                 retry_after: str = "1", delay_s: float = 0.0) -> None:
+                 retry_after: str = "1", delay_s: float = 0.0, model: str = MODEL) -> None:
         self.key, self.faults, self.fail_after, self.retry_after = key, faults or {}, fail_after, retry_after
+        self.model = model
         self.delay_s = delay_s
         self.lock = threading.Lock()
-        self.log: list[dict] = []  # one entry per request: n, time, prompt, status
+        self.log: list[dict] = []  # one entry per request: n, time, prompt, status, body
         self.answers: dict[str, str] = {}
         self.answered = 0
         self.bad: list[str] = []
@@ -186,7 +187,7 @@ class StandIn:
         body = json.loads(h.rfile.read(int(h.headers["Content-Length"])))
         with self.lock:
             n = len(self.log) + 1
-            entry = {"n": n, "time": time.monotonic(), "prompt": None, "status": None}
+            entry = {"n": n, "time": time.monotonic(), "prompt": None, "status": None, "body": body}
             self.log.append(entry)
         if h.path != "/v1/chat/completions":
             entry["status"] = 404
@@ -195,14 +196,16 @@ class StandIn:
             entry["status"] = 401
             return self.error(h, 401, "Incorrect API key provided.", "invalid_request_error")
         msgs = body.get("messages")
-        ok = (body.get("model") == MODEL and isinstance(msgs, list) and len(msgs) == 1
-              and msgs[0].get("role") == "user" and isinstance(msgs[0].get("content"), str)
+        # An optional system message, then the user's prompt.
+        ok = (body.get("model") == self.model and isinstance(msgs, list) and 1 <= len(msgs) <= 2
+              and [m.get("role") for m in msgs] in (["user"], ["system", "user"])
+              and all(isinstance(m.get("content"), str) for m in msgs)
               and body.get("temperature") == 0.7 and isinstance(body.get("max_tokens"), int))
         if not ok:
             self.bad.append(json.dumps(body)[:300])
             entry["status"] = 400
             return self.error(h, 400, "malformed request", "invalid_request_error")
-        prompt = msgs[0]["content"]
+        prompt = msgs[-1]["content"]
         entry["prompt"] = prompt
         fault = self.faults.get(n)
         if fault == "429":
@@ -239,7 +242,7 @@ class StandIn:
 def expected_latent(template: str, prefix: str, x: str, tok) -> str:
     """What the store must hold for a chunk: the server's answer to exactly this prompt, stripped,
     spelled-out special tokens removed."""
-    prompt = template.replace("{prefix}", prefix).replace("{suffix}", x)
+    prompt = template.replace("{prefix}", prefix or "N/A").replace("{suffix}", x)
     return answer_for(prompt).strip().replace(EOL, "")
 
 
@@ -280,6 +283,31 @@ def test_openai_teacher_over_http_with_faults(corpus, tmp_path):
     store = LatentStore.open(out, mode="r")
     assert store.attrs["engine"] == "teacher:openai" and store.attrs["model"] == MODEL
     assert KEY not in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_openai_teacher_sends_the_reference_request(corpus, tmp_path):
+    """Without --model, --prompt-file or decoding flags the request is the reference's: the pinned
+    gpt-4o-mini, a system message, the prompt with "N/A" for a first chunk's empty prefix, the
+    previous chunk as the prefix otherwise, temperature 0.7, max_tokens 6000."""
+    out = str(tmp_path / "lat.zarr")
+    env = {"OPENAI_API_KEY": KEY, "OPENAI_MODEL": "", "OPENAI_BASE_URL": ""}
+    with StandIn(model="gpt-4o-mini-2024-07-18") as server:
+        bolt("warmstart", "--chunks", corpus["chunks"], "--out", out, "--teacher", "openai",
+             "--base-url", server.url, "--block-size", "64", "--quiet", env=env, timeout=120)
+    assert not server.bad
+    texts = chunk_texts(corpus)
+    bodies = {e["prompt"]: e["body"] for e in server.log if e["status"] == 200}
+    assert len(bodies) == sum(map(len, texts))
+    for doc in texts:
+        for j, x in enumerate(doc):
+            prompt = DEFAULT_PROMPT.replace("{prefix}", doc[j - 1] if j else "N/A").replace("{suffix}", x)
+            body = bodies[prompt]
+            assert body["messages"] == [{"role": "system", "content": DEFAULT_SYSTEM_PROMPT},
+                                        {"role": "user", "content": prompt}]
+            assert (body["temperature"], body["max_tokens"]) == (0.7, 6000)
+    assert "background knowledge" in DEFAULT_PROMPT and "step by step" in DEFAULT_PROMPT
+    assert stored_latents(out, load_tokenizer(corpus["tokenizer"])) == expected_latents(corpus, DEFAULT_PROMPT, None)
 
 
 @pytest.mark.slow
@@ -391,9 +419,6 @@ def test_bad_input_is_one_line(corpus, tmp_path, capsys, monkeypatch):
     line = one_line_error(capsys, [*base, "--teacher", "openai", "--base-url", "http://127.0.0.1:9/v1", "--model", MODEL])
     assert "OPENAI_API_KEY is not set" in line
     monkeypatch.setenv("MY_KEY", KEY)
-    line = one_line_error(capsys, [*base, "--teacher", "openai", "--base-url", "http://127.0.0.1:9/v1",
-                                   "--api-key-env", "MY_KEY"])
-    assert "no model name" in line
 
     with StandIn(key="sk-the-right-one") as server:
         line = one_line_error(capsys, [*base, "--teacher", "openai", "--base-url", server.url, "--model", MODEL,

@@ -8,14 +8,17 @@ from megatron_bolt.errors import UserError
 
 _EPILOG = {
     "convert hf-to-mcore": (
-        "Reads an HF LlamaForCausalLM directory (config.json + safetensors + tokenizer files) and writes a\n"
+        "Reads an HF Llama (2, 3, 3.1+), Qwen2/2.5 or Mistral directory (config.json + safetensors + tokenizer\n"
+        "files; unsupported options are refused naming the field; docs/conversion.md) and writes a\n"
         "megatron-bolt checkpoint at step 0 (dist_checkpointing; loads at any TP/PP that divides the shapes,\n"
         "with the vocabulary padded for --tp). Tokenizer files go to OUT/tokenizer/.\n"
         "example: bolt convert hf-to-mcore --hf TinyLlama-1.1B --out ckpt/base --tp 2 --add-latent-tokens"
     ),
     "convert mcore-to-hf": (
-        "Writes the latest checkpoint step as an HF directory that transformers and SGLang load:\n"
-        "config.json (LlamaForCausalLM), safetensors (sharded above --max-shard-gb), tokenizer files.\n"
+        "Writes the latest checkpoint step as an HF directory that transformers 4.x/5.x, vLLM and SGLang load:\n"
+        "config.json (the imported family, else LlamaForCausalLM), safetensors (sharded above --max-shard-gb),\n"
+        "tokenizer files. A ponder checkpoint exports as PonderForCausalLM with its modeling code\n"
+        "(load with trust_remote_code=True).\n"
         "example: bolt convert mcore-to-hf --ckpt runs/iter1/checkpoints --out hf/iter1"
     ),
 }

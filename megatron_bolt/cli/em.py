@@ -16,10 +16,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("config", help="EM config YAML (see examples/toy/em.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. iterations=2 estep.samples=8")
+    p.add_argument("--plan", action="store_true",
+                   help="print what every stage trains (start, steps, batch, tokens, FLOPs, data) and exit; the "
+                   "token-matched raw baseline is known once the data of the run it matches is merged")
 
 
 def run(args: argparse.Namespace) -> int:
     from megatron_bolt.em.driver import EMDriver
 
-    EMDriver(load_em_config(args.config, args.overrides)).run()
+    driver = EMDriver(load_em_config(args.config, args.overrides))
+    if args.plan:
+        print(driver.plan_table())
+        return 0
+    driver.run()
     return 0

@@ -28,6 +28,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="local engine: torch CPU threads (1 is fastest for small models on busy machines)")
     parser.add_argument("--batch-rows", type=int, default=e.batch_rows,
                         help="local engine: (chunk, sample) rows decoded together (raise on a GPU)")
+    parser.add_argument("--context-length", type=int, default=None,
+                        help="truncate prompts and scored sequences to this many tokens, as the BoLT reference does "
+                             "(default: the engine's: max_position_embeddings, or what the SGLang server accepts)")
     parser.add_argument("--prefix-chunks", type=int, default=s.prefix_chunks,
                         help=f"previous chunks given as context (default {s.prefix_chunks})")
     parser.add_argument("--max-latent-tokens", type=int, default=s.max_latent_tokens,
@@ -40,7 +43,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     if args.engine == "sglang" and not args.server:
         raise UserError("--engine sglang needs --server URL [URL ...]")
     return EngineConfig(engine=args.engine, server=list(args.server), concurrency=args.concurrency,
-                        device=args.device, threads=args.threads, batch_rows=args.batch_rows)
+                        device=args.device, threads=args.threads, batch_rows=args.batch_rows,
+                        context_length=args.context_length)
 
 
 def estep_config(args: argparse.Namespace, samples: int) -> EStepConfig:

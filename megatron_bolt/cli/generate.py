@@ -40,7 +40,7 @@ def generate_file(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from megatron_bolt import runtime
-    from megatron_bolt.models.ponder_generate import generate
+    from megatron_bolt.models.generation import generate
     from megatron_bolt.training.score import load_for_inference
 
     prompts = read_prompts(args.input)

@@ -20,8 +20,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="latent store (from `bolt estep` or `bolt warmstart`); omit to write every chunk raw "
                         "(BOS + chunks + EOS), the data of a raw baseline")
     parser.add_argument("--output-prefix", required=True, metavar="P", help="writes P_text_document.bin and .idx")
-    parser.add_argument("--epochs", type=int, default=1, metavar="E",
-                        help="copies of the corpus, each with fresh prior/posterior draws (default 1)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--epochs", type=int, default=None, metavar="E",
+                      help="copies of the corpus, each with fresh prior/posterior draws (default 1)")
+    size.add_argument("--min-tokens", type=int, default=None, metavar="N",
+                      help="instead of --epochs: as many epochs as a training run of N tokens reads "
+                      "(steps x global batch x seq_len, +0.5%% in a Megatron blend), so no form is shown twice")
     parser.add_argument("--posterior-prob", type=float, default=0.5, metavar="P",
                         help="probability that a chunk is written in posterior form (default 0.5)")
     parser.add_argument("--raw-mix", type=float, default=0.0, metavar="R",
@@ -40,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
         args.chunks,
         args.latents,
         args.output_prefix,
-        epochs=args.epochs,
+        epochs=1 if args.epochs is None and args.min_tokens is None else args.epochs,
+        min_tokens=args.min_tokens,
         posterior_prob=args.posterior_prob,
         raw_mix=args.raw_mix,
         seed=args.seed,

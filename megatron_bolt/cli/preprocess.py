@@ -40,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--chunk-poisson-mean", type=float, default=7.0, metavar="MEAN",
                    help="chunks have min(Poisson(MEAN) + 1, 20) sentences (default 7, as the reference code); "
                         "0 makes every sentence its own chunk")
+    g.add_argument("--chunking", default="random", choices=("random", "uniform"),
+                   help="random (default): the reference's training chunks; uniform: its validation chunks, "
+                        "ceil(n/8) chunks of as even a number of sentences as possible (for `bolt iwae`)")
     g = parser.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1, help="worker processes (= CPU cores used for tokenizing)")
     g.add_argument("--tokenizer-threads", type=int, default=1,
@@ -68,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         add_latent_tokens=not args.no_latent_tokens,
         progress=not args.no_progress,
         tokenizer_threads=args.tokenizer_threads,
-        chunk_poisson_mean=args.chunk_poisson_mean,
+        chunk_poisson_mean=args.chunk_poisson_mean, chunking=args.chunking,
     )
     result = preprocess(cfg)
     print(f"preprocess: {result.summary()}; dtype {result.dtype}", file=sys.stderr)

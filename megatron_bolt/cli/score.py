@@ -10,7 +10,9 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", required=True, help="a megatron-bolt checkpoint directory (training output or `bolt convert`)")
+    p.add_argument("--ckpt", required=True,
+                   help="a megatron-bolt checkpoint directory (training output or `bolt convert`), or an HF "
+                        "export (`bolt convert mcore-to-hf`, gpt or ponder), scored with transformers")
     p.add_argument("--input", required=True, help='JSONL, one {"tokens": [...]} per line')
     p.add_argument("--output", required=True, help="JSONL of per-line summed log-probs")
     p.add_argument("--batch-size", type=int, default=8)

@@ -8,6 +8,7 @@ and trains. Otherwise it validates the config, then either trains in-process (N 
 from __future__ import annotations
 
 import argparse
+import signal
 
 from megatron_bolt.cli.ranks import relaunch_or_become_rank
 from megatron_bolt.config import load_config, validate
@@ -30,12 +31,16 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
     if not runtime.under_launcher():
         nproc = args.nproc_per_node or 1
+        from megatron_bolt.models.gpt import check_requirements
+
+        check_requirements(cfg.model, cfg.parallel)  # what this machine lacks (TE for cp/fp8) comes first
         validate(cfg, nproc)  # fail here, in one line, rather than in N ranks' tracebacks
         from megatron_bolt.training.data import parse_blend  # imports megatron: only once the config is valid
 
         if not cfg.data.uses_mock:
             parse_blend(cfg.data.prefixes)
-        code = relaunch_or_become_rank(args, nproc)
+        # The save-and-exit signals go to the training ranks themselves (see runtime.relaunch).
+        code = relaunch_or_become_rank(args, nproc, forward=[signal.SIGTERM, signal.Signals[cfg.train.exit_signal]])
         if code is not None:
             return code
     from megatron_bolt.training.loop import train

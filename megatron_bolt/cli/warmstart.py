@@ -8,6 +8,9 @@ import sys
 
 from megatron_bolt.config import OpenAITeacherConfig
 from megatron_bolt.errors import UserError
+from megatron_bolt.latents.teachers import (
+    DEFAULT_MODEL,
+)
 
 _T = OpenAITeacherConfig()
 
@@ -36,11 +39,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("openai teacher")
     g.add_argument("--base-url", default=None, help="API base URL, e.g. http://host:8000/v1 (default $OPENAI_BASE_URL, "
                                                     "else https://api.openai.com/v1)")
-    g.add_argument("--model", default=None, help="model name (default $OPENAI_MODEL)")
+    g.add_argument("--model", default=None,
+                   help=f"model name (default $OPENAI_MODEL, else {DEFAULT_MODEL}, the reference's teacher)")
     g.add_argument("--api-key-env", default=_T.api_key_env, metavar="VAR",
                    help="environment variable holding the API key, sent as Authorization: Bearer (default OPENAI_API_KEY)")
-    g.add_argument("--temperature", type=float, default=_T.temperature, help="sampling temperature (default 0.7, as method.md's teacher)")
-    g.add_argument("--max-tokens", type=int, default=_T.max_tokens, help="max_tokens of each completion; 0 leaves it out (default 1024)")
+    g.add_argument("--temperature", type=float, default=_T.temperature,
+                   help=f"sampling temperature (default {_T.temperature}, as the reference's teacher)")
+    g.add_argument("--max-tokens", type=int, default=_T.max_tokens,
+                   help=f"max_tokens of each completion; 0 leaves it out (default {_T.max_tokens}, as the reference)")
     g.add_argument("--concurrency", type=int, default=_T.concurrency, help="requests in flight (default 8); keep --block-size well above it, since a block's "
                         "slowest requests hold up the next block")
     g.add_argument("--requests-per-minute", type=float, default=None, help="request starts per minute, spread evenly (default: no limit)")
@@ -50,7 +56,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="first retry delay, doubled each retry up to 60 s; a Retry-After header takes precedence (default 1)")
     g.add_argument("--timeout", type=float, default=_T.timeout, metavar="S", help="per-request timeout (default 120)")
     g.add_argument("--prompt-file", default=None, metavar="F",
-                   help="prompt template with {prefix} and {suffix} (default: the built-in warm-start prompt)")
+                   help="prompt template with {prefix} and {suffix} (default: the built-in warm-start prompt, the "
+                        "reference's restated); an empty prefix is sent as N/A")
+    g.add_argument("--system-prompt", default=None, metavar="TEXT",
+                   help="system message sent before the prompt (default: the built-in one; '' sends none)")
 
 
 def teacher_config(args: argparse.Namespace) -> OpenAITeacherConfig:
@@ -59,6 +68,7 @@ def teacher_config(args: argparse.Namespace) -> OpenAITeacherConfig:
         max_tokens=args.max_tokens or None, concurrency=args.concurrency,
         requests_per_minute=args.requests_per_minute, max_retries=args.max_retries,
         retry_backoff=args.retry_backoff, timeout=args.timeout, prompt_file=args.prompt_file,
+        system_prompt=args.system_prompt,
     )
 
 

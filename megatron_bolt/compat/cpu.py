@@ -111,6 +111,11 @@ def install() -> bool:
     cuda.memory_reserved = lambda *a, **k: 0
     cuda.reset_peak_memory_stats = lambda *a, **k: None
     cuda.get_device_capability = lambda *a, **k: (0, 0)
+    # Activation recomputation saves and restores the device RNG around the recomputed forward.
+    # On CPU the device RNG is the CPU generator, which megatron-core saves and restores itself
+    # (torch.get_rng_state); its CUDA restore goes through torch.cuda._lazy_call and never runs.
+    cuda.random.get_rng_state = lambda *a, **k: torch.get_rng_state()
+    cuda.get_rng_state = cuda.random.get_rng_state
     cuda.nvtx.range_push = lambda *a, **k: None
     cuda.nvtx.range_pop = lambda *a, **k: None
     _installed = True

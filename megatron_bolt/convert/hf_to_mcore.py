@@ -1,4 +1,6 @@
-"""HF `LlamaForCausalLM` directory (safetensors) -> megatron-bolt distributed checkpoint at step 0.
+"""HF Llama / Qwen2 / Mistral directory (safetensors) -> megatron-bolt distributed checkpoint at step 0.
+
+Which configs are accepted, and which fields are refused, is `llama.model_config_from_hf`.
 
 The output is a checkpoint directory as `megatron_bolt.training.checkpoint` writes it, plus
     CKPT/hf_config.json   the source config.json (token ids and defaults for the way back)

@@ -1,4 +1,8 @@
-"""megatron-bolt distributed checkpoint -> HF `LlamaForCausalLM` directory (`save_pretrained` layout).
+"""megatron-bolt distributed checkpoint -> HF directory (`save_pretrained` layout).
+
+A `gpt` checkpoint becomes a LlamaForCausalLM (Qwen2ForCausalLM / MistralForCausalLM when it was
+imported from one); a `ponder` checkpoint becomes a PonderForCausalLM with its modeling code
+(`megatron_bolt/models/hf_ponder`) written next to the weights, loaded with `trust_remote_code=True`.
 
 The checkpoint is loaded at TP=1 in one process (dist_checkpointing reshards whatever TP/PP it
 was saved at), then HF tensors are produced one at a time and written shard by shard:
@@ -19,6 +23,7 @@ from megatron_bolt.atomic import commit, temp_path
 from megatron_bolt.convert import llama
 from megatron_bolt.convert.hf_to_mcore import HF_CONFIG, TOKENIZER_DIR, TOKENIZER_FILES
 from megatron_bolt.errors import UserError
+from megatron_bolt.models import hf_ponder
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -36,6 +41,26 @@ def plan_shards(shapes: dict[str, tuple[int, ...]], itemsize: int, max_shard_byt
         shards[-1].append(name)
         size += nbytes
     return shards
+
+
+def ponder_hf_config(cfg, llama_config: dict) -> dict:
+    """The exported Llama config.json turned into a PonderForCausalLM one: the same shape fields
+    (both RoPE / dtype spellings), plus the latent-thought fields and the auto_map to our code."""
+    import math
+
+    out = dict(llama_config)
+    for key in ("mlp_bias", "pretraining_tp", "use_sliding_window", "sliding_window", "max_window_layers"):
+        out.pop(key, None)
+    out.update(
+        architectures=["PonderForCausalLM"],
+        model_type=hf_ponder.MODEL_TYPE,
+        auto_map=dict(hf_ponder.AUTO_MAP),
+        attention_bias=cfg.qkv_bias,
+        latents_per_token=cfg.latents_per_token,
+        eval_jacobi_iters=cfg.eval_jacobi_iters,
+        embed_scale=float(cfg.embed_scale or math.sqrt(2.5 * cfg.hidden_size)),
+    )
+    return out
 
 
 def convert_mcore_to_hf(
@@ -62,8 +87,8 @@ def convert_mcore_to_hf(
         raise UserError(f"{out}: output directory exists and is not empty")
     run = read_run_config(ckpt_dir)
     cfg = run.model
-    if cfg.type != "gpt":
-        raise UserError(f"{ckpt_dir}: model.type is {cfg.type!r}; only 'gpt' (Llama) checkpoints export to HF")
+    if cfg.type not in ("gpt", "ponder"):
+        raise UserError(f"{ckpt_dir}: model.type is {cfg.type!r}; only 'gpt' and 'ponder' checkpoints export to HF")
     if dtype != "auto" and dtype not in _DTYPES:
         raise UserError(f"--dtype must be auto, fp32, bf16 or fp16, got {dtype!r}")
     bf16 = run.train.bf16
@@ -116,6 +141,10 @@ def convert_mcore_to_hf(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": index}, indent=2) + "\n"
             )
         hf_config = llama.hf_config_from_model(cfg, out_dtype, base)
+        if cfg.type == "ponder":
+            hf_config = ponder_hf_config(cfg, hf_config)
+            for path in hf_ponder.code_paths():
+                shutil.copy2(path, tmp / path.name)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
         copied = []
         if tok_src.is_dir():

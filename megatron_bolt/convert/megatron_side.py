@@ -48,10 +48,15 @@ def single_rank() -> Iterator[None]:
 def build_cfg(model: ModelConfig, padding_tp: int) -> ModelConfig:
     """The model config to build at TP=1 so the vocabulary is padded as it is at TP=`padding_tp`
     (a checkpoint's embedding has the padded size of the TP it was saved or is meant for)."""
+    # conversion runs anywhere (a CPU login node): no TE features, no explicitly requested kernels
     return dataclasses.replace(
         model,
         transformer_impl="local",
         fp8=None,
+        gradient_accumulation_fusion=None,
+        bias_dropout_fusion=None,
+        masked_softmax_fusion=None,
+        apply_rope_fusion=None,
         make_vocab_divisible_by=model.make_vocab_divisible_by * padding_tp,
     )
 

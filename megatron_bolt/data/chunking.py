@@ -1,104 +1,114 @@
-"""BoLT chunking (method.md): paragraphs, then sentences, then chunks of min(Poisson(7) + 1, 20) sentences.
+"""BoLT chunking as the reference code does it: paragraphs, sentences, then Poisson-sized chunks.
 
-A document is split into paragraphs on blank lines and each paragraph into sentences; the text
-between two sentences (spaces, newlines, blank lines) belongs to the *next* sentence, so the units
-tile the document. The number of sentences per chunk is drawn from a generator seeded by the md5 of
-the document text plus 42, so a document is always chunked the same way, whatever the worker count,
-shard or run.
+Followed: `get_text_splitter("sentence")` and the random chunking of `chunked_generation_wrapper`
+in ryoungj/BoLT `apps/main/gen_utils/chunk_gen.py`. In this project's terms:
+
+1. Paragraphs are the matches of `[^\\n\\r].*?(?:\\n\\s*\\n|\\s*$)` (DOTALL): a paragraph starts at
+   a character that is not a line break and runs, lazily, to the first blank line (which it keeps:
+   the blank line ends its paragraph) or to the end of the text.
+2. Each paragraph is split into sentences by NLTK's *untrained* `PunktSentenceTokenizer()` (no
+   model download). A unit runs from the end of the previous sentence to the end of its own, so the
+   whitespace between two sentences starts the next unit, and whatever follows a paragraph's last
+   sentence (its blank line) stays with that sentence.
+3. The units of a document are grouped into chunks of min(Poisson(7) + 1, 20) units, the last one
+   cut to what remains, drawn from `numpy.random.default_rng((md5(text) + 42) & 0xFFFFFFFF)` (md5 of
+   the UTF-8 text read as one big integer), so a document is chunked the same way whatever the
+   worker count, shard or run. `poisson_mean` replaces the 7 (the reference writes it as
+   `units_per_chunk - min_units_per_chunk` = 8 - 1).
+
+For validation the reference chunks uniformly instead (`uniform_sentences_per_chunk`): ceil(n / 8)
+chunks of as equal a number of units as possible (`bolt preprocess --chunking uniform`).
+
+Where this differs from the reference, on purpose:
+
+- The reference's units drop the characters its paragraph regex skips (line breaks before the
+  first paragraph; a lone `\\r` after a blank line). Here a chunk is a span of the text, so those
+  characters stay in the chunk they sit in, and the chunks always tile the document.
+- A whitespace-only paragraph (only possible at the very start of a text) makes the reference fail;
+  here it joins the following unit.
+- `poisson_mean` 0 (one unit per chunk) is allowed; the reference asserts a mean of at least 1.
 
 Chunks are cut in *token* space: the document is tokenized once and each chunk boundary (a character
 position) becomes the number of tokens that end at or before it. Concatenating a document's chunks
 therefore gives exactly the tokenization of the whole document. A chunk that would get no token of
 its own is merged into the next one.
-
-Sentence splitting is offline: pysbd (rule-based, no downloads), with a simple regex splitter for
-paragraphs too long for pysbd to handle quickly.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 from functools import lru_cache
 
 import numpy as np
 
-MEAN_EXTRA_SENTENCES = 7  # Poisson rate; a chunk has Poisson(7) + 1 sentences ...
+MEAN_EXTRA_SENTENCES = 7  # Poisson rate; a chunk has Poisson(7) + 1 units ...
 MAX_SENTENCES_PER_CHUNK = 20  # ... capped at 20
 SEED_OFFSET = 42
-# pysbd's regexes get slow on very long paragraphs (tables, code dumps); those use the regex splitter.
-PYSBD_MAX_PARAGRAPH_CHARS = 20_000
 
-_PARAGRAPH_BREAK = re.compile(r"\n[^\S\n]*\n\s*")
-# Fallback splitter: end punctuation (optionally closing quotes/brackets), whitespace, then a capital,
-# digit, quote or bracket.
-_SIMPLE_SENTENCE_END = re.compile(r"[.!?][\"')\]]*(?=\s+[\"'(\[A-Z0-9])")
+PARAGRAPH = re.compile(r"[^\n\r].*?(?:\n\s*\n|\s*$)", re.DOTALL)
+# Punkt only ever considers a break after one of its sentence-end characters; a paragraph without
+# any is one sentence (or none, if it is only whitespace), so Punkt need not run on it.
+_SENTENCE_END = re.compile(r"[.?!]")
 
 
 @lru_cache(maxsize=1)
-def _segmenter():
-    import pysbd
+def _punkt():
+    # One instance per process: importing nltk takes seconds, building the tokenizer compiles
+    # Punkt's regexes.
+    from nltk.tokenize.punkt import PunktSentenceTokenizer
 
-    # pysbd builds thousands of regex patterns on the fly; with the stdlib's default cache of 512
-    # compiled patterns it recompiles most of them for every paragraph (measured: ~4x slower).
-    if getattr(re, "_MAXCACHE", 0) < 16384:
-        re._MAXCACHE = 16384
-    return pysbd.Segmenter(language="en", clean=False)
+    punkt = PunktSentenceTokenizer()
+    # Punkt decides each candidate break from a short context string (the word before, the
+    # punctuation, the token after) with fixed parameters, so the decision can be memoised
+    # exactly; contexts such as "it. The" recur throughout a corpus.
+    punkt.text_contains_sentbreak = lru_cache(maxsize=1 << 16)(punkt.text_contains_sentbreak)
+    return punkt
 
 
-def _paragraph_spans(text: str) -> list[tuple[int, int]]:
-    """(start, end) of each paragraph's content; the blank-line gaps between them are excluded."""
-    spans, pos = [], 0
-    for m in _PARAGRAPH_BREAK.finditer(text):
-        if text[pos : m.start()].strip():
-            spans.append((pos, m.start()))
-        pos = m.end()
-    if text[pos:].strip():
-        spans.append((pos, len(text)))
-    return spans
+def load_sentence_splitter() -> None:
+    """Import and build the sentence splitter now (before timed work, and before worker processes
+    fork, so that they inherit it)."""
+    _punkt()
 
 
 def _sentence_ends(paragraph: str) -> list[int]:
-    """End offsets (exclusive, trailing whitespace excluded) of the sentences of one paragraph."""
-    if len(paragraph) > PYSBD_MAX_PARAGRAPH_CHARS:
-        ends = [m.end() for m in _SIMPLE_SENTENCE_END.finditer(paragraph)]
-    else:
-        ends, pos = [], 0
-        # pysbd returns sentence strings; locate each one in order rather than trusting it to keep
-        # every character (it can drop or normalise whitespace).
-        for sentence in _segmenter().segment(paragraph):
-            s = sentence.strip()
-            if not s:
-                continue
-            at = paragraph.find(s, pos)
-            if at < 0:
-                continue
-            pos = at + len(s)
-            ends.append(pos)
-    content_end = len(paragraph.rstrip())
-    ends = [e for e in ends if 0 < e < content_end]
-    return [*ends, content_end]
+    """End offsets of the sentences of one paragraph, as Punkt's `span_tokenize` gives them."""
+    if not _SENTENCE_END.search(paragraph):
+        end = len(paragraph.rstrip())
+        return [end] if end else []
+    return [end for _, end in _punkt().span_tokenize(paragraph)]
 
 
 def sentence_boundaries(text: str) -> list[int]:
-    """Character positions where a sentence ends and the next begins (the document's end excluded)."""
+    """Character positions where a unit (a sentence with its leading whitespace) ends and the next
+    begins: the reference's sentence units, as offsets into `text`."""
     bounds: list[int] = []
-    for start, end in _paragraph_spans(text):
-        bounds.extend(start + e for e in _sentence_ends(text[start:end]))
-    bounds = sorted(set(b for b in bounds if 0 < b < len(text.rstrip())))
+    have_unit = False  # a unit has been opened, so the next paragraph starts a new one
+    for m in PARAGRAPH.finditer(text):
+        ends = _sentence_ends(m.group())
+        if not ends:
+            continue  # whitespace only: its text goes with the next unit
+        start = m.start()
+        if have_unit:
+            bounds.append(start)
+        bounds.extend(start + e for e in ends[:-1])
+        have_unit = True
     return bounds
 
 
 def document_rng(text: str) -> np.random.Generator:
+    """The reference's per-document generator: md5 of the UTF-8 text as an integer, + 42, low 32 bits."""
     seed = (int(hashlib.md5(text.encode("utf-8")).hexdigest(), 16) + SEED_OFFSET) & 0xFFFFFFFF
     return np.random.default_rng(seed)
 
 
 def sentences_per_chunk(text: str, n_sentences: int, poisson_mean: float = MEAN_EXTRA_SENTENCES) -> list[int]:
-    """Sentence counts of the chunks: min(Poisson(7) + 1, 20), the last one cut to what remains.
+    """Units per chunk: min(Poisson(mean) + 1, 20), and never more than remain.
 
     `poisson_mean` replaces the 7 for corpora whose sentences are much shorter or longer than web
-    text's (0: one sentence per chunk, e.g. for one-line statements that each need their own thought)."""
+    text's (0: one unit per chunk, e.g. for one-line statements that each need their own thought)."""
     rng = document_rng(text)
     counts, remaining = [], n_sentences
     while remaining > 0:
@@ -108,16 +118,45 @@ def sentences_per_chunk(text: str, n_sentences: int, poisson_mean: float = MEAN_
     return counts
 
 
-def chunk_char_boundaries(text: str, poisson_mean: float = MEAN_EXTRA_SENTENCES) -> list[int]:
-    """Character positions where each chunk after the first begins."""
+UNIFORM_UNITS_PER_CHUNK = 8
+
+
+def uniform_sentences_per_chunk(n_sentences: int, units_per_chunk: int = UNIFORM_UNITS_PER_CHUNK) -> list[int]:
+    """The reference's validation chunking (`apply_random_chunking=False`): ceil(n / 8) chunks with
+    boundaries at int(linspace(0, n, chunks + 1)), i.e. as even as whole units allow."""
+    n_chunks = max(1, math.ceil(n_sentences / units_per_chunk))
+    edges = np.linspace(0, n_sentences, n_chunks + 1).astype(int)
+    return [int(c) for c in np.diff(edges) if c > 0]
+
+
+def chunk_char_boundaries(text: str, poisson_mean: float = MEAN_EXTRA_SENTENCES, uniform: bool = False) -> list[int]:
+    """Character positions where each chunk after the first begins (`uniform`: the reference's
+    validation chunking instead of the Poisson draw)."""
     bounds = sentence_boundaries(text)
-    counts = sentences_per_chunk(text, len(bounds) + 1, poisson_mean)
-    # Sentence k ends at bounds[k]; a chunk of counts[j] sentences ends after its last sentence.
+    if uniform:
+        counts = uniform_sentences_per_chunk(len(bounds) + 1)
+    else:
+        counts = sentences_per_chunk(text, len(bounds) + 1, poisson_mean)
+    # Unit k ends at bounds[k]; a chunk of counts[j] units ends after its last unit.
     ends = np.cumsum(counts)[:-1] - 1
     return [bounds[k] for k in ends]
 
 
-def chunk_token_lengths(text: str, token_ends: np.ndarray, poisson_mean: float = MEAN_EXTRA_SENTENCES) -> np.ndarray:
+def chunk_texts(text: str, poisson_mean: float = MEAN_EXTRA_SENTENCES, uniform: bool = False) -> list[str]:
+    """The chunks as strings (they concatenate to `text`)."""
+    edges = [0, *chunk_char_boundaries(text, poisson_mean, uniform), len(text)]
+    return [text[a:b] for a, b in zip(edges, edges[1:])]
+
+
+def token_cuts(token_ends: np.ndarray, char_bounds) -> np.ndarray:
+    """For each character boundary, the number of tokens that end at or before it."""
+    # Offsets are non-decreasing in every tokenizer we use; enforce it so searchsorted is valid.
+    ends = np.maximum.accumulate(np.asarray(token_ends, dtype=np.int64))
+    return np.searchsorted(ends, np.asarray(char_bounds, dtype=np.int64), side="right")
+
+
+def chunk_token_lengths(text: str, token_ends: np.ndarray, poisson_mean: float = MEAN_EXTRA_SENTENCES,
+                        uniform: bool = False) -> np.ndarray:
     """Token counts of each chunk of `text`, given where (in characters) each of its tokens ends.
 
     The counts sum to len(token_ends); none is zero (empty chunks merge into the next one).
@@ -125,12 +164,8 @@ def chunk_token_lengths(text: str, token_ends: np.ndarray, poisson_mean: float =
     n_tokens = len(token_ends)
     if n_tokens == 0:
         return np.zeros(0, dtype=np.int64)
-    bounds = chunk_char_boundaries(text, poisson_mean)
-    # Offsets are non-decreasing in every tokenizer we use; enforce it so searchsorted is valid.
-    ends = np.maximum.accumulate(np.asarray(token_ends, dtype=np.int64))
-    cuts = np.searchsorted(ends, np.asarray(bounds, dtype=np.int64), side="right")
+    cuts = token_cuts(token_ends, chunk_char_boundaries(text, poisson_mean, uniform))
     edges = np.unique(np.concatenate([[0], cuts, [n_tokens]]))
-    edges = edges[(edges >= 0) & (edges <= n_tokens)]
     return np.diff(edges)
 
 

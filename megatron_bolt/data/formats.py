@@ -20,6 +20,7 @@ Evaluation prompts (`latent_eval_prompt` and friends) belong here too, next to t
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -173,64 +174,73 @@ def assemble_documents(
 
 
 # ---------------------------------------------------------------- evaluation prompts ----------------
-# Few-shot prompts of method.md's latent-space evaluation. A prompt is first laid out as pieces
-# (text strings and special-token ids) and then encoded with adjacent strings merged, so the text
-# between two special tokens is tokenized in one piece, as it is inside a training document.
-
-EXEMPLAR_SEPARATOR = "\n\n"
-STOP_STRING = "Problem:"
-
-
-def problem_header(question: str) -> str:
-    return f"Problem:\n{question}\n"
+# A few-shot prompt is laid out as pieces: document text (str), latent text (`Latent`) and special
+# token ids (int). `encode_eval_prompt` encodes it the way merge writes a training sequence: all the
+# document text is tokenized as *one* document and cut in token space where the latents go (as
+# `bolt preprocess` cuts chunks), and every latent text is encoded on its own (as the warm start
+# encodes a teacher's latent). So the prompt shows the model no token boundary that training never
+# shows it, e.g. a SentencePiece dummy-prefix `▁` at the start of the text after EoL, which
+# encoding each piece separately would produce.
 
 
-# Where the latent goes: method.md writes the prompt `Problem:\n{q}\n SoL PRIOR`. Our chunker gives
-# the whitespace between two sentences to the *next* chunk, so in training a latent always follows
-# the question's last character and the newlines come after EoL. The prompt puts the latent in that
-# same place (`Problem:\n{q}` SoL PRIOR ... EoL `\n\nFinal Answer: ...`); with the newline before SoL
-# a small model does not recognise the spot where it learned to think.
-LATENT_ANSWER_PREFIX = "\n\nFinal Answer: "
+@dataclass(frozen=True)
+class Latent:
+    """The text of a latent thought inside a prompt (encoded on its own, like a stored latent)."""
+
+    text: str
 
 
-def latent_eval_pieces(question: str, exemplars: Sequence[tuple[str, str, str]], ids: LatentTokenIds) -> list[str | int]:
-    """`Problem:\n{q}` SoL PRIOR after exemplars `Problem:\n{q}` SoL PRIOR {reasoning} EoL
-    `\n\nFinal Answer: {a}` (each exemplar a (question, reasoning, answer) triple), separated by
-    blank lines. The model continues with its own latent, EoL and the answer."""
-    pieces: list[str | int] = []
-    for q, reasoning, answer in exemplars:
-        pieces += [problem_header(q).rstrip(), ids.sol, ids.prior, reasoning, ids.eol,
-                   f"{LATENT_ANSWER_PREFIX}{answer}", EXEMPLAR_SEPARATOR]
-    return [*pieces, problem_header(question).rstrip(), ids.sol, ids.prior]
+Piece = str | Latent | int
 
 
-def raw_exemplar_text(question: str, solution: str, answer: str) -> str:
-    """`Problem:\\n{q}\\n{solution}\\nFinal Answer: {a}`; with an empty solution this is exactly the
-    toy corpus layout `Problem:\\n{q}\\n\\nFinal Answer: {a}`."""
-    return f"{problem_header(question)}{solution}\nFinal Answer: {answer}"
+def latent_eval_pieces(query_head: str, exemplars: Sequence[tuple[str, str, str]], ids: LatentTokenIds,
+                       separator: str) -> list[Piece]:
+    """`{head} SoL PRIOR {latent} EoL {tail}` per exemplar (head, latent, tail), joined by
+    `separator`, then `{query_head} SoL PRIOR`: the model continues with its own latent."""
+    pieces: list[Piece] = []
+    for head, latent, tail in exemplars:
+        pieces += [head, ids.sol, ids.prior, Latent(latent), ids.eol, tail + separator]
+    return [*pieces, query_head, ids.sol, ids.prior]
 
 
-def raw_eval_pieces(question: str, exemplars: Sequence[tuple[str, str, str]]) -> list[str | int]:
-    """Plain-text few-shot prompt: exemplars (question, solution, answer) in `raw_exemplar_text`
-    layout separated by blank lines, then `Problem:\\n{q}\\n`. The prompt stops at the newline after
-    the question (not at the blank line of the toy layout) so that its last token is one the
-    document tokenization also has there; the model writes the rest."""
-    pieces: list[str | int] = [raw_exemplar_text(q, s, a) + EXEMPLAR_SEPARATOR for q, s, a in exemplars]
-    return [*pieces, problem_header(question)]
+def raw_eval_pieces(query_head: str, exemplars: Sequence[tuple[str, str, str]], separator: str) -> list[Piece]:
+    """Plain-text few-shot prompt for models trained without latents: each exemplar's head, its
+    reasoning and its tail as one text, joined by `separator`, then the query's head."""
+    return ["".join(f"{head}{body}{tail}{separator}" for head, body, tail in exemplars) + query_head]
 
 
-def encode_pieces(pieces: Sequence[str | int], encode, bos: int | None = None) -> list[int]:
-    """Token ids of a piece list: runs of adjacent strings are joined and encoded once (`encode`:
-    str -> list of ids), ints are taken as token ids; `bos` (if given) goes first."""
+def encode_eval_prompt(pieces: Sequence[Piece], tokenizer, bos: int | None = None, continuation: str = "") -> list[int]:
+    """Token ids of a piece list (see above); `bos` (if given) goes first.
+
+    `continuation` is text that would follow the prompt in a training document (an exemplar's
+    tail, say): it is tokenized after the prompt's last text and then dropped, so that the
+    prompt's last tokens are the ones a document has there rather than end-of-text tokens (a
+    byte-level BPE merges a trailing "\n\n" that it splits before a word)."""
+    from megatron_bolt.data.chunking import token_cuts
+
+    doc = "".join(p for p in pieces if isinstance(p, str))
     out: list[int] = [] if bos is None else [bos]
-    text: list[str] = []
-    for p in [*pieces, None]:
+    if doc:
+        ((ids, ends),) = tokenizer.encode_batch_with_ends([doc + continuation])
+    else:
+        ids, ends = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    positions, pos = [], 0
+    for p in pieces:
         if isinstance(p, str):
-            text.append(p)
+            pos += len(p)
+        else:
+            positions.append(pos)
+    cuts = token_cuts(ends, [*positions, len(doc)]).tolist() if len(ends) else [0] * (len(positions) + 1)
+    done, k = 0, 0
+    for p in pieces:
+        if isinstance(p, str):
             continue
-        if text and "".join(text):
-            out.extend(encode("".join(text)))
-        text = []
-        if p is not None:
+        out.extend(int(t) for t in ids[done : cuts[k]])
+        done = max(done, cuts[k])
+        k += 1
+        if isinstance(p, Latent):
+            out.extend(int(t) for t in tokenizer.encode(p.text))
+        else:
             out.append(int(p))
+    out.extend(int(t) for t in ids[done : cuts[-1]])
     return out

@@ -19,10 +19,15 @@ one numpy gather (`formats.assemble_documents`), so the cost is close to copying
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -139,7 +144,7 @@ def merge_latents(
     chunks_path: str | Path,
     latents_path: str | Path | None,
     output_prefix: str | Path,
-    epochs: int = 1,
+    epochs: int | None = 1,
     posterior_prob: float = 0.5,
     raw_mix: float = 0.0,
     seed: int = 0,
@@ -147,6 +152,7 @@ def merge_latents(
     empty_latents: str = "keep",
     window_tokens: int = 1 << 22,
     progress: bool = True,
+    min_tokens: int | None = None,
 ) -> MergeSummary:
     """Write `{output_prefix}_text_document.bin/.idx` (see the module docstring); returns the summary.
 
@@ -157,14 +163,24 @@ def merge_latents(
     means as many raw documents as latent ones; whole passes first, then a random subset.
     empty_latents "raw" writes chunks whose chosen latent is empty in raw form instead of as an
     empty thought (`SoL PRIOR EoL X`): a model then only ever sees SoL where a thought follows.
+
+    epochs None with `min_tokens` N writes as many epochs as a training run of N tokens reads
+    (see `planned_train_tokens`): epochs are added until the file, with the raw copies that will
+    follow, holds at least N tokens, so every document is read about once per epoch, each time
+    with fresh forms, and Megatron never wraps around to forms it has shown before.
+    The summary is also written to `summary_path(output_prefix)`.
     """
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     from megatron_bolt.stores.latent_store import LatentStore
 
     start_time = time.perf_counter()
-    if epochs < 1:
+    if (epochs is None) == (min_tokens is None):
+        raise UserError("give either --epochs or --min-tokens, not both or neither")
+    if epochs is not None and epochs < 1:
         raise UserError(f"--epochs must be >= 1, got {epochs}")
+    if min_tokens is not None and min_tokens < 1:
+        raise UserError(f"--min-tokens must be >= 1, got {min_tokens}")
     if not 0.0 <= posterior_prob <= 1.0:
         raise UserError(f"--posterior-prob must be in [0, 1], got {posterior_prob}")
     if empty_latents not in ("keep", "raw"):
@@ -193,75 +209,155 @@ def merge_latents(
             f"{latents.block_range(first).start}). Finish the E-step, or pass --allow-missing to write those chunks raw"
         )
 
-    summary = MergeSummary(output_prefix=str(output_prefix), dtype=np.dtype(dtype).name, epochs=epochs)
+    summary = MergeSummary(output_prefix=str(output_prefix), dtype=np.dtype(dtype).name, epochs=0)
     summary.empty_documents_skipped = win.empty_docs
     num_docs = len(win.nonempty)
-    n_raw = int(round(raw_mix * num_docs * epochs))
-    raw_rng = np.random.default_rng([seed, epochs])
-    raw_subset = np.zeros(win.doc_chunk_offsets.shape[0] - 1, dtype=bool)
-    if num_docs and n_raw % num_docs:
-        raw_subset[raw_rng.choice(win.nonempty, size=n_raw % num_docs, replace=False)] = True
-    # Passes: ("latent", epoch) ... then ("raw", None) full passes and one subset pass.
-    passes: list[tuple[str, int | None]] = [("latent", e) for e in range(epochs)]
-    if num_docs:
-        passes += [("raw", None)] * (n_raw // num_docs)
-        if n_raw % num_docs:
-            passes.append(("raw_subset", None))
+    # Tokens of one raw (latent-free) pass over every document: chunk tokens + BOS/EOS.
+    raw_pass_tokens = int(win.chunk_offsets[-1]) + 2 * num_docs if num_docs else 0
 
-    subset_chunks = int(np.diff(win.doc_chunk_offsets)[raw_subset].sum())
-    total_chunks = sum(num_chunks if kind != "raw_subset" else subset_chunks for kind, _ in passes)
+    def covered(epochs_written: int) -> bool:
+        if epochs is not None:
+            return epochs_written >= epochs
+        expected_raw = raw_mix * epochs_written * raw_pass_tokens  # the raw copies appended after
+        return epochs_written >= 1 and summary.tokens + expected_raw >= min_tokens
+
     from tqdm import tqdm
 
-    bar = tqdm(total=total_chunks, unit="chunk", desc="merge", file=sys.stderr, disable=not progress)
+    bar = tqdm(total=num_chunks * (epochs or 1), unit="chunk", desc="merge", file=sys.stderr, disable=not progress)
     with bar, atomic_paths(*document_paths(output_prefix)) as (tmp_bin, tmp_idx):
         builder = IndexedDatasetBuilder(str(tmp_bin), dtype=dtype)
-        for kind, epoch in passes:
-            rng = np.random.default_rng([seed, epoch]) if kind == "latent" else None
-            for d0, d1 in win.windows:
-                c0, c1, x, x_len, doc_counts = win.read(d0, d1)
-                _check_ids(x, vocab, chunks_path, "chunk")
-                if kind == "latent":
-                    draw = rng.random(c1 - c0)
-                    forms = np.where(draw < posterior_prob, POSTERIOR, PRIOR)
-                    if latents is None:
-                        z, z_len, have = np.zeros(0, np.int32), np.zeros(c1 - c0, np.int64), np.zeros(c1 - c0, bool)
-                    else:
-                        z, z_len, have = _chosen_latents(latents, c0, c1, done)
-                    _check_ids(z, vocab, latents_path, "latent")
-                    summary.chunks["missing_raw"] += int((~have).sum())
-                    if empty_latents == "raw":
-                        empty = have & (z_len == 0)
-                        summary.chunks["empty_raw"] += int(empty.sum())
-                        have &= ~empty
-                    forms[~have] = RAW
-                    summary.chunks["prior"] += int((forms == PRIOR).sum())
-                    summary.chunks["posterior"] += int((forms == POSTERIOR).sum())
-                    summary.latent_tokens += int(z_len.sum())
-                    summary.special_tokens += 3 * int((forms == PRIOR).sum()) + 5 * int((forms == POSTERIOR).sum())
-                else:
-                    forms = np.full(c1 - c0, RAW)
-                    z, z_len = np.zeros(0, np.int32), np.zeros(c1 - c0, np.int64)
-                    if kind == "raw_subset":
-                        keep_docs = raw_subset[d0:d1]
-                        keep_chunks = np.repeat(keep_docs, doc_counts)
-                        x = x[np.repeat(keep_chunks, x_len)]
-                        x_len, forms, z_len = x_len[keep_chunks], forms[keep_chunks], z_len[keep_chunks]
-                        doc_counts = np.where(keep_docs, doc_counts, 0)
-                    summary.chunks["raw_copy"] += len(forms)
-                nonempty = doc_counts > 0
-                tokens, doc_lengths = assemble_documents(
-                    x, x_len, z, z_len, forms, doc_counts[nonempty], ids, bos, eos, dtype=dtype
-                )
-                _add_documents(builder, tokens, doc_lengths)
-                if kind == "latent":
-                    summary.documents += len(doc_lengths)
-                else:
-                    summary.raw_documents += len(doc_lengths)
-                summary.tokens += len(tokens)
-                bar.update(len(forms))
+        write = _PassWriter(win, latents, done, builder, summary, ids, bos, eos, dtype, vocab, chunks_path,
+                            latents_path, posterior_prob, empty_latents, bar)
+        while not covered(summary.epochs):  # epoch e: every document once, forms from default_rng([seed, e])
+            if summary.epochs >= 1 and epochs is None:
+                bar.total += num_chunks
+            write.latent_pass(np.random.default_rng([seed, summary.epochs]))
+            summary.epochs += 1
+        # Raw copies: whole passes first, then a random subset of documents.
+        n_raw = int(round(raw_mix * num_docs * summary.epochs))
+        raw_rng = np.random.default_rng([seed, summary.epochs])
+        raw_subset = np.zeros(win.doc_chunk_offsets.shape[0] - 1, dtype=bool)
+        if num_docs and n_raw % num_docs:
+            raw_subset[raw_rng.choice(win.nonempty, size=n_raw % num_docs, replace=False)] = True
+        if num_docs:
+            bar.total += num_chunks * (n_raw // num_docs) + int(np.diff(win.doc_chunk_offsets)[raw_subset].sum())
+            for _ in range(n_raw // num_docs):
+                write.raw_pass(None)
+            if n_raw % num_docs:
+                write.raw_pass(raw_subset)
         builder.finalize(str(tmp_idx))
     summary.seconds = time.perf_counter() - start_time
+    _write_summary(summary)
     return summary
+
+
+@dataclass
+class _PassWriter:
+    """Writes one pass over the documents (latent forms, or raw copies) into the builder."""
+
+    win: _Windows
+    latents: Any  # LatentStore or None (raw baseline)
+    done: set[int]
+    builder: Any  # IndexedDatasetBuilder
+    summary: MergeSummary
+    ids: Any  # LatentTokenIds
+    bos: int
+    eos: int
+    dtype: Any
+    vocab: int
+    chunks_path: str
+    latents_path: str | None
+    posterior_prob: float
+    empty_latents: str
+    bar: Any
+
+    def latent_pass(self, rng: np.random.Generator) -> None:
+        summary = self.summary
+        for d0, d1 in self.win.windows:
+            c0, c1, x, x_len, doc_counts = self.win.read(d0, d1)
+            _check_ids(x, self.vocab, self.chunks_path, "chunk")
+            draw = rng.random(c1 - c0)
+            forms = np.where(draw < self.posterior_prob, POSTERIOR, PRIOR)
+            if self.latents is None:
+                z, z_len, have = np.zeros(0, np.int32), np.zeros(c1 - c0, np.int64), np.zeros(c1 - c0, bool)
+            else:
+                z, z_len, have = _chosen_latents(self.latents, c0, c1, self.done)
+            _check_ids(z, self.vocab, self.latents_path, "latent")
+            summary.chunks["missing_raw"] += int((~have).sum())
+            if self.empty_latents == "raw":
+                empty = have & (z_len == 0)
+                summary.chunks["empty_raw"] += int(empty.sum())
+                have &= ~empty
+            forms[~have] = RAW
+            summary.chunks["prior"] += int((forms == PRIOR).sum())
+            summary.chunks["posterior"] += int((forms == POSTERIOR).sum())
+            summary.latent_tokens += int(z_len.sum())
+            summary.special_tokens += 3 * int((forms == PRIOR).sum()) + 5 * int((forms == POSTERIOR).sum())
+            summary.documents += self._add(x, x_len, z, z_len, forms, doc_counts)
+
+    def raw_pass(self, subset: np.ndarray | None) -> None:
+        """Every document (subset None) or the documents of the boolean mask `subset`, raw."""
+        for d0, d1 in self.win.windows:
+            c0, c1, x, x_len, doc_counts = self.win.read(d0, d1)
+            _check_ids(x, self.vocab, self.chunks_path, "chunk")
+            forms = np.full(c1 - c0, RAW)
+            z, z_len = np.zeros(0, np.int32), np.zeros(c1 - c0, np.int64)
+            if subset is not None:
+                keep_docs = subset[d0:d1]
+                keep_chunks = np.repeat(keep_docs, doc_counts)
+                x = x[np.repeat(keep_chunks, x_len)]
+                x_len, forms, z_len = x_len[keep_chunks], forms[keep_chunks], z_len[keep_chunks]
+                doc_counts = np.where(keep_docs, doc_counts, 0)
+            self.summary.chunks["raw_copy"] += len(forms)
+            self.summary.raw_documents += self._add(x, x_len, z, z_len, forms, doc_counts)
+
+    def _add(self, x, x_len, z, z_len, forms, doc_counts) -> int:
+        nonempty = doc_counts > 0
+        tokens, doc_lengths = assemble_documents(
+            x, x_len, z, z_len, forms, doc_counts[nonempty], self.ids, self.bos, self.eos, dtype=self.dtype
+        )
+        _add_documents(self.builder, tokens, doc_lengths)
+        self.summary.tokens += len(tokens)
+        self.bar.update(len(forms))
+        return len(doc_lengths)
+
+
+def summary_path(output_prefix: str | Path) -> str:
+    """Where merge records its MergeSummary (JSON), next to the .bin/.idx."""
+    return f"{output_prefix}_text_document.merge.json"
+
+
+def _write_summary(summary: MergeSummary) -> None:
+    path = summary_path(summary.output_prefix)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(dataclasses.asdict(summary), f, indent=2)
+    os.replace(tmp, path)
+
+
+def read_summary(output_prefix: str | Path) -> MergeSummary:
+    """The MergeSummary a finished merge wrote for `output_prefix`."""
+    path = summary_path(output_prefix)
+    try:
+        with open(path) as f:
+            return MergeSummary(**json.load(f))
+    except FileNotFoundError:
+        raise UserError(f"{path}: no merge summary (run `bolt merge --output-prefix {output_prefix}` first)") from None
+
+
+def planned_train_tokens(steps: int, global_batch: int, seq_len: int,
+                         surplus: float = 0.005) -> int:
+    """Tokens a training run of `steps` x `global_batch` samples of `seq_len` reads from one dataset:
+    Megatron's GPTDataset needs samples * seq_len + 1 tokens, and a blend builds each dataset with
+    `mid_level_dataset_surplus` (0.5%) more samples than its share (megatron.core.datasets,
+    `GPTDataset._get_num_epochs`, `_get_size_per_split_per_dataset`)."""
+    samples = math.ceil(steps * global_batch * (1 + surplus))
+    return samples * seq_len + 1
+
+
+def epochs_for(train_tokens: int, tokens_per_epoch: int) -> int:
+    """Epochs of `tokens_per_epoch` that cover `train_tokens` (rounded up, at least 1)."""
+    return max(1, -(-train_tokens // max(1, tokens_per_epoch)))
 
 
 def _check_ids(tokens: np.ndarray, vocab: int, where: str, what: str) -> None:

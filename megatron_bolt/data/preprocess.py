@@ -71,6 +71,7 @@ class PreprocessConfig:
     progress: bool = True
     tokenizer_threads: int = 1
     chunk_poisson_mean: float = 7.0  # chunks of min(Poisson(mean) + 1, 20) sentences
+    chunking: str = "random"  # "uniform": the reference's validation chunks (ceil(n / 8), even)
 
 
 @dataclass
@@ -177,7 +178,8 @@ _W: dict = {}
 
 
 def _init_worker(tokenizer_model: str, kind: str, add_latent: bool, keys: Sequence[str], append_eod: bool,
-                 chunk: bool, max_doc_chars: int, threads: int, chunk_poisson_mean: float) -> None:
+                 chunk: bool, max_doc_chars: int, threads: int, chunk_poisson_mean: float,
+                 chunking: str = "random") -> None:
     from megatron_bolt.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_model, add_latent_tokens=add_latent, kind=kind)
@@ -186,7 +188,7 @@ def _init_worker(tokenizer_model: str, kind: str, add_latent: bool, keys: Sequen
     _W.update(
         tokenizer=tokenizer,
         keys=list(keys), append_eod=append_eod, chunk=chunk, max_doc_chars=max_doc_chars,
-        chunk_poisson_mean=chunk_poisson_mean,
+        chunk_poisson_mean=chunk_poisson_mean, uniform=chunking == "uniform",
     )
 
 
@@ -251,7 +253,8 @@ def encode_batch(batch: list[tuple]) -> dict:
         if _W["chunk"] and k == 0:
             encoded = tok.encode_batch_with_ends(texts)
             ids_list = [ids for ids, _ in encoded]
-            chunk_lengths = [chunk_token_lengths(t, ends, _W["chunk_poisson_mean"]) for t, (_, ends) in zip(texts, encoded)]
+            chunk_lengths = [chunk_token_lengths(t, ends, _W["chunk_poisson_mean"], _W["uniform"])
+                             for t, (_, ends) in zip(texts, encoded)]
         else:
             ids_list = tok.encode_batch(texts)
         lengths = np.fromiter((len(a) for a in ids_list), dtype=np.int64, count=len(ids_list))
@@ -355,6 +358,8 @@ def _preprocess(cfg: PreprocessConfig) -> PreprocessResult:
         raise UserError(f"--tokenizer-type {cfg.tokenizer_type}: choose one of {', '.join(TOKENIZER_TYPES)}")
     if not 0 <= cfg.chunk_poisson_mean <= 100:
         raise UserError(f"--chunk-poisson-mean must be in [0, 100], got {cfg.chunk_poisson_mean}")
+    if cfg.chunking not in ("random", "uniform"):
+        raise UserError(f"--chunking {cfg.chunking}: choose random or uniform")
     if cfg.chunk_store and len(cfg.json_keys) != 1:
         raise UserError("--chunk-store takes a single --json-keys key")
     if cfg.workers < 1 or cfg.batch_docs < 1 or cfg.tokenizer_threads < 1:
@@ -374,13 +379,17 @@ def _preprocess(cfg: PreprocessConfig) -> PreprocessResult:
     result = PreprocessResult(dtype=np.dtype(dtype).name)
     progress = _Progress(cfg.progress, cfg.log_interval)
     init_args = (cfg.tokenizer_model, kind, cfg.add_latent_tokens, list(cfg.json_keys), cfg.append_eod,
-                 bool(cfg.chunk_store), cfg.max_doc_chars, cfg.tokenizer_threads, cfg.chunk_poisson_mean)
+                 bool(cfg.chunk_store), cfg.max_doc_chars, cfg.tokenizer_threads, cfg.chunk_poisson_mean,
+                 cfg.chunking)
     try:
         if cfg.chunk_store:
+            from megatron_bolt.data.chunking import load_sentence_splitter
             from megatron_bolt.stores.chunk_store import ChunkStoreWriter
 
+            load_sentence_splitter()
             chunk_writer = ChunkStoreWriter(cfg.chunk_store, tokenizer,
-                                            extra_attrs={"chunk_poisson_mean": cfg.chunk_poisson_mean})
+                                            extra_attrs={"chunk_poisson_mean": cfg.chunk_poisson_mean,
+                                                         "chunking": cfg.chunking})
         start = time.time()
         for out in _results(cfg, files, init_args):
             for reason, fi, line, detail in out["bad"]:

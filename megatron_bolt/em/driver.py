@@ -1,12 +1,18 @@
 """`bolt em CONFIG.yaml [key=value ...]`: the BoLT EM loop of method.md, end to end and resumable.
 
     data/        corpus (warm / rest / valid documents), tokenizer, raw .bin/.idx, chunk stores
-    raw/         (optional) baseline: the same documents without latents, the same training budget
     warmstart/   teacher latents for the warm documents -> merge -> train -> export -> eval, IWAE
     iter{n}/     E-step on the rest with iteration n-1's model (n = 1: the warm-start model) ->
-                 merge -> train on warm + rest latents -> export -> eval, IWAE
+                 merge -> train -> export -> eval, IWAE
     iter{N}_k{K}/  (ablation) the last iteration again with K samples per chunk
-    summary.json, accuracy.png, iwae.png   (em/report.py)
+    raw/         the raw baselines' data: the same documents without latents
+    raw_tokens/, raw_flops/   raw baselines, token- and FLOPs-matched to the latent run
+    plan.json, summary.json, accuracy.png, iwae.png   (em/plan.py, em/report.py)
+
+What each stage trains on, from which start and for how long is em/plan.py's plan (`bolt em
+--plan` prints it): by default the reference's protocol, every stage from the base model
+(`restart: base`), each iteration on its own E-step latents (`iteration_data: new`), every merge
+with as many epochs of fresh prior/posterior forms as its training reads (`merge.epochs: null`).
 
 Each step is a library call with typed options (preprocess, warmstart, estep, merge, eval, iwae),
 logged to `<stage>/logs/<step>.log` through the `megatron_bolt` logger. The two steps that need a
@@ -33,8 +39,20 @@ import yaml
 
 from megatron_bolt import runtime
 from megatron_bolt.atomic import atomic_write_json, atomic_write_text
-from megatron_bolt.config import EMConfig, EStepConfig, load_config
+from megatron_bolt.config import EMConfig, EStepConfig, RunConfig, load_config
+from megatron_bolt.data.merge import planned_train_tokens, read_summary
 from megatron_bolt.em import report
+from megatron_bolt.em.plan import (
+    Training,
+    corpus_of,
+    format_plan,
+    iteration_stages,
+    latent_trainings,
+    matched_run,
+    raw_share,
+    raw_trainings,
+    train_flops,
+)
 from megatron_bolt.errors import UserError
 
 TEXT_KEY = "text"
@@ -194,19 +212,38 @@ class EMDriver:
         return str(self.data / f"{name}_chunks.zarr")
 
     # ------------------------------------------------------------------ the pieces of a stage
-    def merge(self, stage: Stage, chunks: str, latents: Path | None, prefix: Path) -> None:
+    def merge(self, dataset: str, min_tokens: int) -> None:
+        """Merge one dataset of the plan ("stage/name", see `dataset_sources`) with as many epochs
+        as `min_tokens` training tokens read (or `merge.epochs` when set)."""
         from megatron_bolt.data.merge import merge_latents
 
         m = self.cfg.merge
+        stage_name, name = dataset.split("/")
+        chunks, latents = self.dataset_sources(dataset)
+        prefix = self.prefix(dataset)
 
         def run_merge() -> str:
             return merge_latents(
-                chunks, None if latents is None else str(latents), str(prefix), epochs=m.epochs,
+                chunks, latents, str(prefix), epochs=m.epochs, min_tokens=None if m.epochs else min_tokens,
                 posterior_prob=m.posterior_prob, raw_mix=m.raw_mix, seed=self.cfg.seed,
                 empty_latents=m.empty_latents, progress=False,
             ).format()
 
-        self.step(stage, f"merge-{prefix.name}", run_merge)
+        self.step(Stage(self.root, stage_name), f"merge-{name}", run_merge)
+
+    def prefix(self, dataset: str) -> Path:
+        """Where a merged dataset of the plan lives: `stage/name` -> output_dir/stage/data/name."""
+        stage_name, name = dataset.split("/")
+        return self.root / stage_name / "data" / name
+
+    def dataset_sources(self, dataset: str) -> tuple[str, str | None]:
+        """(chunk store, latent store or None) of a merged dataset of the plan."""
+        stage_name, name = dataset.split("/")
+        corpus = corpus_of(dataset)
+        if stage_name == "raw":
+            return self.chunks(corpus), None
+        latents = Stage(self.root, "warmstart" if corpus == "warm" else stage_name).latents
+        return self.chunks(corpus), str(latents)
 
     @property
     def train_config_path(self) -> str:
@@ -215,37 +252,80 @@ class EMDriver:
             config = str(self.repo / config)
         return config
 
-    @property
-    def base_steps(self) -> int:
-        return load_config(self.train_config_path, self.cfg.train_overrides).train.steps
+    def run_configs(self) -> tuple[RunConfig, RunConfig]:
+        """(the iterations' and baselines' training config, the warm start's): train_config with
+        train_overrides, and for the warm start warmstart.train_overrides and .train_steps on top.
+        The vocabulary is the tokenizer's once the data is prepared."""
+        w = self.cfg.warmstart
+        warm_extra = [*w.train_overrides, *([f"train.steps={w.train_steps}"] if w.train_steps else [])]
+        base = load_config(self.train_config_path, self.cfg.train_overrides)
+        warm = load_config(self.train_config_path, [*self.cfg.train_overrides, *warm_extra])
+        if (self.data / "tokenizer_path").exists():
+            from megatron_bolt.tokenizer import load_tokenizer
 
-    @property
-    def warm_steps(self) -> int:
-        return self.cfg.warmstart.train_steps or self.base_steps
+            base.model.vocab_size = warm.model.vocab_size = load_tokenizer(self.tokenizer).vocab_size
+        return base, warm
 
-    def train(self, stage: Stage, prefixes: list[Path], start: Stage | None, steps: int | None = None) -> None:
-        """Train on the blend of `prefixes`, from `start`'s weights (or train_config's start), for
-        `steps` steps (None: train_config's). The resolved run config is written to
-        `<stage>/train/config.yaml` and trained by `bolt train` in child ranks."""
+    def plan(self) -> list[Training]:
+        """Every training of the run (em/plan.py). The token-matched raw baseline appears once the
+        data of the run it matches is merged (its budget depends on the raw share of that data)."""
+        base, warm = self.run_configs()
+        trainings = latent_trainings(self.cfg, base, warm)
+        matched = matched_run(self.cfg, trainings)
+        models = {t.stage: (warm if t.stage == "warmstart" else base).model for t in trainings}
+        return trainings + raw_trainings(self.cfg, matched, models, base, self.raw_shares(matched))
+
+    def raw_shares(self, matched: list[Training]) -> dict[str, float] | None:
+        from megatron_bolt.data.merge import summary_path
+
+        if not all(Path(summary_path(self.prefix(d))).exists() for t in matched for d in t.data):
+            return None
+        return {t.stage: raw_share([read_summary(self.prefix(d)) for d in t.data]) for t in matched}
+
+    def plan_table(self) -> str:
+        base, warm = self.run_configs()
+        trainings = self.plan()
+        flops = {t.stage: train_flops((warm if t.stage == "warmstart" else base).model, t.tokens) for t in trainings}
+        lines = [format_plan(trainings, flops)]
+        if "tokens" in self.cfg.raw_baselines and not any(t.stage == "raw_tokens" for t in trainings):
+            lines.append("raw_tokens: planned once the data of the run it matches is merged (its raw share)")
+        return "\n".join(lines)
+
+    def write_plan(self, trainings: list[Training]) -> None:
+        base, warm = self.run_configs()
+        rows = [{**dataclasses.asdict(t), "tokens": t.tokens,
+                 "train_flops": train_flops((warm if t.stage == "warmstart" else base).model, t.tokens)}
+                for t in trainings]
+        atomic_write_json(self.root / "plan.json", {"trainings": rows})
+
+    def prepare_data(self, t: Training, trainings: list[Training]) -> None:
+        """Merge the datasets `t` trains on, each with the epochs of the longest training using it."""
+        for d in t.data:
+            need = max(planned_train_tokens(u.steps, u.global_batch, u.seq_len) for u in trainings if d in u.data)
+            self.merge(d, need)
+
+    def train(self, t: Training) -> None:
+        """Train one run of the plan: the blend of its merged datasets (weights: tokens per epoch, so
+        every document is read equally often), from its start, for its steps. The resolved run
+        config is written to `<stage>/train/config.yaml` and trained by `bolt train` in child ranks."""
+        stage = Stage(self.root, t.stage)
         if stage.done("train"):
             return
-        from megatron_bolt.tokenizer import load_tokenizer
-
-        cfg = load_config(self.train_config_path, self.cfg.train_overrides)
+        base, warm = self.run_configs()
+        cfg = warm if t.stage == "warmstart" else base
         blend: list = []
-        for p in prefixes:  # Megatron blend weights: each dataset in proportion to its size
-            blend += [os.path.getsize(f"{p}_text_document.bin"), f"{p}_text_document"]
+        for d in t.data:
+            s = read_summary(self.prefix(d))
+            blend += [s.tokens / s.epochs, f"{self.prefix(d)}_text_document"]
         cfg.output_dir = str(stage.dir / "train")
         cfg.checkpoint.dir = str(stage.checkpoints)
         cfg.data.prefixes = blend
         cfg.data.split = "100,0,0"
         cfg.data.cache_dir = str(stage.dir / "train" / "data_cache")
-        cfg.model.vocab_size = load_tokenizer(self.tokenizer).vocab_size
-        if start is not None:  # restart = continue: weights of the previous model, fresh optimizer
-            cfg.checkpoint.load = str(start.checkpoints)
+        cfg.train.steps = t.steps
+        if t.start is not None:  # restart = continue: weights of the previous model, fresh optimizer
+            cfg.checkpoint.load = str(Stage(self.root, t.start).checkpoints)
             cfg.checkpoint.finetune = True
-        if steps is not None:
-            cfg.train.steps = steps
         config = stage.dir / "train" / "config.yaml"
         atomic_write_text(config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         self.launch(stage, "train", ["train", str(config), "--nproc-per-node", str(self.cfg.nproc_per_node)],
@@ -337,39 +417,43 @@ class EMDriver:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
+        """The loop in the reference's order: warm start, the iterations (each E-step with the model
+        before it), then the raw baselines, whose budgets match the finished latent run."""
         cfg = self.cfg
         self.root.mkdir(parents=True, exist_ok=True)
         self.record_config()
         self.prepare()
+        trainings = {t.stage: t for t in self.plan() if not t.stage.startswith("raw_")}
+        latent = list(trainings.values())
         stages: list[tuple[str, Stage]] = []
-        if cfg.raw_baseline:
-            raw = Stage(self.root, "raw")
-            self.merge(raw, self.chunks("warm"), None, raw.dir / "data" / "warm")
-            self.merge(raw, self.chunks("rest"), None, raw.dir / "data" / "rest")
-            # Equal compute: with restart=continue the last model has trained warm start + every iteration.
-            steps = self.warm_steps + cfg.iterations * self.base_steps if cfg.restart == "continue" else None
-            self.train(raw, [raw.dir / "data" / "warm", raw.dir / "data" / "rest"], None, steps)
-            self.finish(raw, fmt="raw")
-            stages.append(("raw", raw))
 
         warm = Stage(self.root, "warmstart")
         self.warm_start(warm)
-        self.merge(warm, self.chunks("warm"), warm.latents, warm.merged)
-        self.train(warm, [warm.merged], None, cfg.warmstart.train_steps)
+        self.prepare_data(trainings["warmstart"], latent)
+        self.train(trainings["warmstart"])
         self.finish(warm)
         stages.append(("warmstart", warm))
 
-        previous = warm
-        for n in range(1, cfg.iterations + 1):
-            it = Stage(self.root, f"iter{n}")
-            self.iteration(it, previous, warm, cfg.estep.samples, n)
-            stages.append((f"iter{n} (K={cfg.estep.samples})", it))
-            if n == cfg.iterations:
-                for k in cfg.ablation_samples:
-                    ab = Stage(self.root, f"iter{n}_k{k}")
-                    self.iteration(ab, previous, warm, k, n)
-                    stages.append((f"iter{n} (K={k})", ab))
-            previous = it
+        for name, n, k in iteration_stages(cfg):
+            it = Stage(self.root, name)
+            previous = Stage(self.root, "warmstart" if n == 1 else f"iter{n - 1}")
+            self.estep(it, previous, dataclasses.replace(cfg.estep, samples=k, seed=1000 * cfg.seed + n))
+            self.prepare_data(trainings[name], latent)
+            self.train(trainings[name])
+            self.finish(it)
+            stages.append((f"iter{n} (K={k})", it))
+
+        plan = self.plan()  # now with the token-matched budget: the matched run's data is merged
+        raw = [t for t in plan if t.stage.startswith("raw_")]
+        raw_stages = []
+        for t in raw:
+            self.prepare_data(t, raw)
+            self.train(t)
+            stage = Stage(self.root, t.stage)
+            self.finish(stage, fmt="raw")
+            raw_stages.append(({"raw_tokens": "raw (tokens)", "raw_flops": "raw (FLOPs)"}[t.stage], stage))
+        stages = raw_stages + stages
+        self.write_plan(plan)
         summary = report.write_report(self.root, cfg.eval.task, [(label, s.name, s.dir) for label, s in stages],
                                       cfg.iwae_samples)
         print(report.format_table(summary["rows"], cfg.iwae_samples), flush=True)
@@ -386,10 +470,3 @@ class EMDriver:
                       "are kept as they are", flush=True)
             return
         atomic_write_json(path, now)
-
-    def iteration(self, it: Stage, previous: Stage, warm: Stage, samples: int, n: int) -> None:
-        settings = dataclasses.replace(self.cfg.estep, samples=samples, seed=1000 * self.cfg.seed + n)
-        self.estep(it, previous, settings)
-        self.merge(it, self.chunks("rest"), it.latents, it.merged)
-        self.train(it, [warm.merged, it.merged], previous if self.cfg.restart == "continue" else None)
-        self.finish(it)

@@ -1,13 +1,17 @@
 """Few-shot evaluation of an HF export, in latent space (method.md) or on raw text.
 
-`evaluate` builds one prompt per item (`megatron_bolt.data.formats` lays them out), decodes them
-greedily in batches with the KV-cached `LocalEngine`, cuts each continuation at the first
-`Problem:` (or at SoL / EOS, which end a row as stop ids), grades it and optionally writes
-`predictions.jsonl` and `accuracy.json`.
+`evaluate` builds one prompt per item (the task's `TaskLayout` says what goes where,
+`megatron_bolt.data.formats` lays the pieces out and encodes them as merge writes training
+sequences), decodes them greedily in batches with the KV-cached `LocalEngine`, cuts each
+continuation at the task's first stop string (`Question:` / `Problem:`; SoL and EOS end a row as
+stop ids), grades it and optionally writes `predictions.jsonl` and `accuracy.json`.
 
-Exemplars are the first `shots` items of `exemplars` if given, otherwise the first `shots` items of
-the data, which are then not scored. Prompts longer than the model's context minus max_new_tokens
-lose their oldest tokens (counted in the result as `truncated_prompts`).
+Exemplars are the first `shots` items of `exemplars` if given, else the task's fixed exemplars
+(`evaluation/exemplars.py`; GSM8K 8 shots, MATH and MMLU-STEM 4, as the reference), else (toy) the
+first `shots` items of the data, which are then not scored. Every item of the data is scored unless
+`limit` says otherwise. `max_new_tokens` (default 1024, the reference's) is clamped so that at
+least half of the model's context stays for the prompt; prompts longer than the rest lose their
+oldest tokens (counted in the result as `truncated_prompts`).
 """
 
 from __future__ import annotations
@@ -17,39 +21,41 @@ import sys
 from pathlib import Path
 
 from megatron_bolt.atomic import atomic_write_text
-from megatron_bolt.data.formats import (
-    STOP_STRING,
-    encode_pieces,
-    latent_eval_pieces,
-    raw_eval_pieces,
-)
+from megatron_bolt.data.formats import encode_eval_prompt, latent_eval_pieces, raw_eval_pieces
 from megatron_bolt.errors import UserError
-from megatron_bolt.evaluation.tasks import TASKS, Item, grade, load_items, toy_items
+from megatron_bolt.evaluation.tasks import LAYOUTS, TASKS, Item, fixed_exemplars, grade, load_items, toy_items
 
 FORMATS = ("latent", "raw")
 DEFAULT_TOY_ITEMS = 200
+DEFAULT_MAX_NEW_TOKENS = 1024
 
 
-def build_prompt(item: Item, exemplars: list[Item], fmt: str, tokenizer) -> list[int]:
+def build_prompt(item: Item, exemplars: list[Item], fmt: str, tokenizer, task: str = "toy") -> list[int]:
     """Token ids of one item's few-shot prompt, BOS first (training documents start with BOS)."""
+    layout = LAYOUTS[task]
+    head = layout.head(task, item)
     if fmt == "latent":
         if tokenizer.latent is None:
             raise UserError(f"tokenizer {tokenizer.name} has no latent tokens: use --format raw")
-        pieces = latent_eval_pieces(item.question, [(e.question, e.reasoning, e.answer) for e in exemplars],
-                                    tokenizer.latent)
+        shots = [(layout.head(task, e), layout.latent(task, e), layout.tail(task, e)) for e in exemplars]
+        pieces = latent_eval_pieces(head, shots, tokenizer.latent, layout.separator)
     elif fmt == "raw":
-        pieces = raw_eval_pieces(item.question, [(e.question, e.solution, e.answer) for e in exemplars])
+        shots = [(layout.head(task, e), layout.raw_join + e.solution, layout.tail(task, e)) for e in exemplars]
+        pieces = raw_eval_pieces(head, shots, layout.separator)
     else:
         raise UserError(f"unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
-    return encode_pieces(pieces, tokenizer.encode, bos=tokenizer.bos_id)
+    # In a training document the text after a question's latent is its answer (the tail); tokenize
+    # the prompt's end as if that text followed, as it does in every exemplar.
+    follow = layout.tail(task, item) if fmt == "latent" else layout.raw_join + layout.tail(task, item)
+    return encode_eval_prompt(pieces, tokenizer, bos=tokenizer.bos_id, continuation=follow)
 
 
-def completion_text(tokens: list[int], stop_token: int | None, tokenizer) -> str:
+def completion_text(tokens: list[int], stop_token: int | None, tokenizer, stops: tuple[str, ...]) -> str:
     """The decoded continuation without its stop token, cut before the first stop string."""
     body = tokens[:-1] if stop_token is not None else tokens
     text = tokenizer.decode(body)
-    cut = text.find(STOP_STRING)
-    return text if cut < 0 else text[:cut]
+    cuts = [c for c in (text.find(s) for s in stops) if c >= 0]
+    return text[: min(cuts)] if cuts else text
 
 
 def _select_items(task, data, shots, limit, exemplars, seed) -> tuple[list[Item], list[Item], dict]:
@@ -75,6 +81,13 @@ def _select_items(task, data, shots, limit, exemplars, seed) -> tuple[list[Item]
             raise UserError(f"{exemplars}: {len(ex)} usable exemplar(s), --shots {shots} needs {shots}")
         shot_items, scored = ex[:shots], pool
         info["exemplars"] = f"first {shots} item(s) of {exemplars}"
+    elif fixed_exemplars(task):
+        fixed = fixed_exemplars(task)
+        if shots > len(fixed):
+            raise UserError(f"--shots {shots}: task {task} has {len(fixed)} fixed exemplars; "
+                            f"give more with --exemplars FILE")
+        shot_items, scored = fixed[:shots], pool
+        info["exemplars"] = f"the {shots} fixed {task} exemplar(s) of megatron_bolt/evaluation/exemplars.py"
     else:
         if len(pool) <= shots:
             raise UserError(f"{info['data']}: {len(pool)} usable item(s), none left to score after {shots} "
@@ -111,20 +124,20 @@ def evaluate(
     model_dir: str,
     task: str,
     data: str | None,
-    shots: int = 4,
+    shots: int | None = None,
     limit: int | None = None,
     out_dir: str | None = None,
     fmt: str = "latent",
-    max_new_tokens: int = 256,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     batch_size: int = 32,
     exemplars: str | None = None,
     seed: int = 0,
 ) -> dict:
-    """Few-shot greedy evaluation of the HF export `model_dir` on `task` (toy, gsm8k, math).
+    """Few-shot greedy evaluation of the HF export `model_dir` on `task` (toy, gsm8k, math, mmlu_stem).
 
     data: a JSONL file in the task's public format; None for toy generates `limit` (default 200)
-    held-out problems with `seed`. Returns {"task", "format", "accuracy", "correct", "n", "shots",
-    "model", ...} and, with out_dir, writes out_dir/predictions.jsonl and out_dir/accuracy.json.
+    held-out problems with `seed`. shots: None = the task's default (8 for gsm8k, else 4).
+    Returns {"task", "format", "accuracy", "correct", "n", "shots", "model", ...} and, with out_dir, writes out_dir/predictions.jsonl and out_dir/accuracy.json.
     """
     from tqdm import tqdm
     from transformers import AutoConfig
@@ -132,23 +145,34 @@ def evaluate(
     from megatron_bolt.inference.local import LocalEngine
     from megatron_bolt.tokenizer import load_tokenizer
 
+    if task in LAYOUTS and shots is None:
+        shots = LAYOUTS[task].shots
     _check_args(task, fmt, shots, limit, max_new_tokens, batch_size, model_dir)
     shot_items, items, info = _select_items(task, data, shots, limit, exemplars, seed)
     tokenizer = load_tokenizer(model_dir)
-    prompts = [build_prompt(it, shot_items, fmt, tokenizer) for it in items]
+    prompts = [build_prompt(it, shot_items, fmt, tokenizer, task) for it in items]
+    stops = LAYOUTS[task].stops
 
     # Checked on the config before the weights load, so that these errors come fast and alone.
-    config = AutoConfig.from_pretrained(model_dir)
+    from megatron_bolt.models.hf_ponder import is_ponder_export
+
+    config = AutoConfig.from_pretrained(model_dir, trust_remote_code=is_ponder_export(model_dir))
     top = max(max(p) for p in prompts)
     if top >= config.vocab_size:
         raise UserError(f"{model_dir}: token id {top} of the tokenizer is outside the model's vocabulary "
                         f"({config.vocab_size}); was the model exported with the latent tokens?")
     context = int(getattr(config, "max_position_embeddings", 0) or 0)
     truncated = 0
+    requested = max_new_tokens
     if context:
+        # Keep at least half the context for the prompt: a small model's context cannot hold the
+        # reference's 1024 new tokens after an 8-shot prompt.
+        longest = max(len(p) for p in prompts)
+        max_new_tokens = max(1, min(max_new_tokens, context - min(longest, context // 2)))
+        if max_new_tokens < requested:
+            print(f"eval: --max-new-tokens {requested} clamped to {max_new_tokens}: the model's context is {context} "
+                  f"tokens and the longest prompt {longest}", file=sys.stderr)
         budget = context - max_new_tokens
-        if budget < 1:
-            raise UserError(f"--max-new-tokens {max_new_tokens} leaves no room in the model's context of {context}")
         truncated = sum(len(p) > budget for p in prompts)
         prompts = [p[-budget:] for p in prompts]
         if truncated:
@@ -157,11 +181,12 @@ def evaluate(
     engine = LocalEngine(model_dir, max_batch_rows=batch_size)
 
     stop_ids = [tokenizer.eos_id] + ([tokenizer.latent.sol] if tokenizer.latent is not None else [])
-    # The stop string can only have appeared in the last few tokens (each token adds >= 1 byte).
-    tail = 2 * len(STOP_STRING) + 4
+    # A stop string can only have appeared in the last few tokens (each token adds >= 1 byte).
+    tail = 2 * max(map(len, stops)) + 4
 
     def stop_check(tokens: list[int]) -> bool:
-        return STOP_STRING in tokenizer.decode(tokens[-tail:])
+        recent = tokenizer.decode(tokens[-tail:])
+        return any(s in recent for s in stops)
 
     # Longest first, in batches of similar length: less padding, and the slowest batch shows early.
     order = sorted(range(len(items)), key=lambda i: -len(prompts[i]))
@@ -171,7 +196,7 @@ def evaluate(
         idx = order[k : k + batch_size]
         results = engine.generate_greedy([prompts[i] for i in idx], max_new_tokens, stop_ids, stop_check)
         for i, r in zip(idx, results):
-            text = completion_text(r.tokens, r.stop_token, tokenizer)
+            text = completion_text(r.tokens, r.stop_token, tokenizer, stops)
             extracted, correct = grade(task, text, items[i].answer)
             it = items[i]
             rows[i] = {"index": it.index, "line": it.line, "question": it.question, "answer": it.answer,
@@ -183,7 +208,8 @@ def evaluate(
     correct = sum(r["correct"] for r in rows)  # type: ignore[index]
     result = {
         "task": task, "format": fmt, "accuracy": correct / n, "correct": correct, "n": n, "shots": shots,
-        "model": str(model_dir), **info, "limit": limit, "max_new_tokens": max_new_tokens, "seed": seed,
+        "model": str(model_dir), **info, "limit": limit, "max_new_tokens": max_new_tokens,
+        "max_new_tokens_requested": requested, "seed": seed,
         "truncated_prompts": truncated,
     }
     if out_dir is not None:

@@ -4,8 +4,22 @@ Log-probs are always untempered (temperature 1, top_p 1, no top_k, no min_p): im
 log w = log p - log q are only right if q's log-probs are those of the distribution actually sampled.
 
 Seeds: every (prompt, sample) pair gets its own 64-bit seed, derived from the prompt's seed and
-the sample index, so a sample does not depend on which other prompts share its batch (the E-step
-relies on this to make a block's result independent of shard layout and batch size).
+the sample index. What that guarantees, precisely:
+- the random numbers a sample draws are a function of its seed (and step) only, never of the other
+  rows in its batch;
+- the same call (same prompts, seeds, engine settings, device, dtype and thread count) returns
+  bit-identical samples;
+- a different batch composition (other prompts alongside, another batch size or padding width)
+  can change a sample: the logits then differ in the last bits of floating point (matmul blocking,
+  padding), and a draw whose uniform lies within that rounding of a CDF boundary picks the
+  neighbouring token (issue 16 measured 9 of 128 rows of an 8-layer d512 fp32 model differing
+  between batches of 64 and 128; once one token differs, the rest of the row follows it). Every
+  sample is still an exact draw from the model's distribution, and its log-probs are those of the
+  tokens it holds; only bit-reproducibility across batch layouts is not promised.
+Servers add their own conditions (SGLang honours seeds only with --enable-deterministic-inference).
+
+Context: `context_length` is the longest token sequence an engine takes (prompt plus new tokens
+when sampling, the whole sequence when scoring); callers truncate to it (the E-step does).
 """
 
 from __future__ import annotations
@@ -62,6 +76,12 @@ class Engine(ABC):
     @abstractmethod
     def score(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[float]:
         """Summed log-probs of each continuation given its prompt (the prompt itself not counted)."""
+
+    @property
+    def context_length(self) -> int | None:
+        """The longest sequence (prompt + new tokens, or a scored prompt + continuation) this engine
+        accepts; None when it has no limit of its own."""
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook, most engines hold nothing to release
         """Release resources (threads, sessions); the default has none."""

@@ -2,9 +2,12 @@
 
 Sampling puts every (prompt, sample) pair of a call into left-padded rows (attention mask and
 position ids make padding invisible), prefills them together and decodes with one shared KV cache;
-rows that hit a stop token are dropped from the cache so late steps only pay for live rows.
+rows that hit a stop token are dropped from the cache so late steps only pay for live rows. The
+cache is allocated once for prompt + max_new_tokens (`PreallocatedLayer`): a decode step writes one
+slot per layer instead of copying the whole cache as transformers' DynamicLayer does (torch.cat).
 Tokens are drawn by inverse-CDF from the untempered softmax with a counter-based uniform per
-(row seed, step), so a row's draw does not depend on its batch neighbours. `generate_greedy` runs
+(row seed, step), so a row's random numbers do not depend on its batch neighbours (its logits can, in
+the last bits: see base.py for what that means for reproducibility). `generate_greedy` runs
 the same loop with argmax instead of a draw (evaluation), and can end a row on a condition of its
 tokens so far (a stop string in the decoded text) as well as on stop ids.
 
@@ -21,6 +24,73 @@ import numpy as np
 import torch
 
 from megatron_bolt.inference.base import Engine, Sample, per_prompt_seeds, sample_seed, step_uniforms
+
+
+def _preallocated_layer_class():
+    """`PreallocatedLayer`, defined on first use so importing this module does not import transformers."""
+    from transformers.cache_utils import DynamicLayer
+
+    class PreallocatedLayer(DynamicLayer):
+        """A DynamicLayer whose keys and values live in one buffer of `capacity` positions.
+
+        `update` writes the new positions into the buffer (DynamicLayer concatenates, copying the
+        whole cache at every decode step); `keys`/`values` are views of the filled part. Dropping
+        rows compacts the filled part in place; fanning rows out (repeated indices) re-allocates.
+        """
+
+        def __init__(self, capacity: int) -> None:
+            super().__init__()
+            self.capacity, self.length = capacity, 0
+
+        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+            b, h, _, d = key_states.shape
+            self.device = key_states.device
+            self._k = key_states.new_empty((b, h, self.capacity, d))
+            self._v = value_states.new_empty((b, value_states.shape[1], self.capacity, value_states.shape[-1]))
+            self.is_initialized = True
+
+        def _views(self) -> None:
+            self.keys, self.values = self._k[:, :, : self.length], self._v[:, :, : self.length]
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            end = self.length + key_states.shape[-2]
+            if end > self.capacity:
+                raise RuntimeError(f"KV cache holds {self.capacity} positions, {end} needed")
+            self._k[:, :, self.length : end] = key_states
+            self._v[:, :, self.length : end] = value_states
+            self.length = end
+            self._views()
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length
+
+        def batch_select_indices(self, indices: torch.Tensor) -> None:
+            if not self.is_initialized:
+                return
+            n, used = len(indices), self.length
+            if n <= self._k.shape[0] and bool((indices[1:] > indices[:-1]).all()):
+                # dropping rows: move the kept rows' filled part to the front of the same buffer
+                self._k[:n, :, :used] = self._k[indices, :, :used]
+                self._v[:n, :, :used] = self._v[indices, :, :used]
+                self._k, self._v = self._k[:n], self._v[:n]
+            else:
+                self._k, self._v = self._k[indices], self._v[indices]
+            self._views()
+
+    return PreallocatedLayer
+
+
+def preallocated_cache(capacity: int):
+    """A transformers DynamicCache whose layers are `PreallocatedLayer`s of `capacity` positions."""
+    from transformers import DynamicCache
+
+    layer = _preallocated_layer_class()
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = lambda: layer(capacity)
+    return cache
 
 
 @dataclass
@@ -44,18 +114,36 @@ class LocalEngine(Engine):
         dtype: torch.dtype = torch.float32,
         max_batch_rows: int = 64,
         max_logit_elements: int = 1 << 27,
+        context_length: int | None = None,
     ) -> None:
+        """context_length: truncate E-step sequences to this many tokens (default, and at most, the
+        model's max_position_embeddings)."""
         from transformers import AutoModelForCausalLM
 
+        from megatron_bolt.models.hf_ponder import is_ponder_export
+
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(self.device).eval()
+        # a ponder export runs the project's own modeling code, written next to its weights
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, trust_remote_code=is_ponder_export(model_dir)
+        ).to(self.device).eval()
         self.model_dir = model_dir
         self.vocab_size = int(self.model.config.vocab_size)
+        # cache entries per token: 1, or K+1 for a ponder export (a token and its K latent slots)
+        self.cache_slots_per_token = int(getattr(self.model.config, "latents_per_token", 0) or 0) + 1
         self.max_batch_rows = max_batch_rows
         # Bounds the (rows x kept positions x vocab) logits tensor of one scoring forward.
         self.max_logit_elements = max_logit_elements
         pad = getattr(self.model.config, "pad_token_id", None)
         self.pad_id = int(pad) if pad is not None else 0
+        limits = [int(n) for n in (getattr(self.model.config, "max_position_embeddings", None), context_length) if n]
+        self._context_length = min(limits) if limits else None
+
+    @property
+    def context_length(self) -> int | None:
+        """max_position_embeddings, or the smaller context_length asked for (rotary models run past
+        max_position_embeddings, but were not trained to)."""
+        return self._context_length
 
     # ----------------------------------------------------------------------------------- interface
     def sample(
@@ -212,8 +300,6 @@ class LocalEngine(Engine):
 
     @torch.inference_mode()
     def _generate_batch(self, prompts, seeds, max_new, stop: set[int], starts, greedy=False, stop_check=None) -> list[RowResult]:
-        from transformers import DynamicCache
-
         B = len(prompts)
         want_input = [s for s in starts if s is not None]
         # Identical prompts (the n samples of one chunk) are prefilled once and their KV cache
@@ -231,7 +317,8 @@ class LocalEngine(Engine):
         if want_input:
             keep = max(len(p) - s for p, s in zip(prompts, starts) if s is not None)
             keep = max(1, min(keep, width))
-        cache = DynamicCache()
+        steps = max(max_new) if max_new else 0
+        cache = preallocated_cache((width + max(steps, 1)) * self.cache_slots_per_token)
         out = self.model(
             input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=keep
         )
@@ -263,6 +350,11 @@ class LocalEngine(Engine):
         if not live.all():
             active, logits, mask, pos = self._select(cache, active, live, logits, mask, pos)
         last_pos = pos[:, -1]
+        # the attention mask grows by one column per step: fill a preallocated buffer instead of concatenating
+        full_mask = torch.ones((len(active), width + max(steps, 1)), dtype=mask.dtype, device=mask.device)
+        full_mask[:, :width] = mask
+        mask = full_mask
+        filled = width
         step = 0
         while len(active):
             logp = torch.log_softmax(logits, dim=-1)
@@ -296,11 +388,11 @@ class LocalEngine(Engine):
                 active, _, mask, _ = self._select(cache, active, live, None, mask, None)
                 if not len(active):
                     break
-            mask = torch.cat([mask, torch.ones((len(active), 1), dtype=mask.dtype, device=mask.device)], dim=1)
+            filled += 1
             last_pos = last_pos + 1
             out = self.model(
                 input_ids=tok[:, None],
-                attention_mask=mask,
+                attention_mask=mask[:, :filled],
                 position_ids=last_pos[:, None],
                 past_key_values=cache,
                 use_cache=True,

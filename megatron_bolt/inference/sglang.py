@@ -1,13 +1,34 @@
 """Client of SGLang's native `/generate` API (real SGLang servers, `sglang-router`, or `bolt serve`).
 
+What SGLang does, and what the client does about it (SGLang 0.5.x source, functions named):
+- Stops: `Req._check_token_based_finish` returns before looking at `stop_token_ids` when
+  `ignore_eos` is set, so the client never sends `ignore_eos`; it sends `stop_token_ids=stop`.
+  SGLang then also stops on the model's EOS ids (config/generation_config `eos_token_id`, the
+  tokenizer's EOS). A sample that stops on such an id before `max_new_tokens` is continued: the
+  client sends prompt + tokens so far for the remaining budget, with a seed derived from the
+  sample's seed and the tokens so far, so only `stop` ends a sample, as in the local engine.
+- Seeds: `sampling_seed` reaches the sampler only when the server runs with
+  `--enable-deterministic-inference` (`SamplingBatchInfo.from_schedule_batch`); otherwise samples
+  are not reproducible (each is still an exact draw, with its own log-probs).
+- Input log-probs: `SchedulerLogprobResultProcessor._process_input_token_logprobs` reports every
+  id >= vocab_size-1 as 0 (the values are right). The client knows the ids it sent and uses those;
+  a reported id must be the sent one or that 0.
+- Length: `TokenizerManager._validate_one_request` refuses an input of >= context_len tokens and
+  input + max_new_tokens > context_len (HTTP 400); the scheduler refuses inputs of >=
+  `max_req_input_len` tokens (`validate_input_length`) and shortens max_new_tokens to
+  max_req_len - input - 1 (`init_req_max_new_tokens`). `context_length` is therefore
+  `max_req_input_len - 1` from `/server_info`: the E-step truncates to it (every engine), so no
+  request is refused or silently shortened.
+
+Protocol:
 - Samples are requested as duplicated prompts, one request per (prompt, sample), each with its own
   `sampling_seed`, rather than SGLang's `n`: the router spreads them over workers and a failed
   request costs one sample, not the whole group.
 - Sampling params are pinned to the untempered distribution (temperature 1, top_p 1, top_k -1,
-  min_p 0) with `ignore_eos` so that only `stop` ends a sample, exactly as the local engine.
-- Scoring sends prompt+continuation with `logprob_start_len = len(prompt) - 1` and sums the last
-  len(continuation) entries of `meta_info.input_token_logprobs` (the first entry, for the last
-  prompt token, is null in SGLang's protocol).
+  min_p 0), so the returned log-probs are those of the distribution sampled.
+- Scoring sends prompt+continuation with `max_new_tokens=0` and `logprob_start_len = len(prompt) - 1`
+  and sums the last len(continuation) entries of `meta_info.input_token_logprobs` (the first entry,
+  for the last prompt token, is null in SGLang's protocol).
 - One URL (a router or a single server) or a list of server URLs, used round robin. Bounded
   concurrency, per-request timeouts, retries with exponential backoff on connection errors,
   timeouts and 5xx; a server that fails `failure_threshold` times in a row leaves the rotation for
@@ -22,8 +43,10 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import requests
+
 from megatron_bolt.http_retry import RetriesExhausted, RetryingHTTP, Transient
-from megatron_bolt.inference.base import Engine, Sample, per_prompt_seeds, sample_seed
+from megatron_bolt.inference.base import Engine, Sample, derive_seed, per_prompt_seeds, sample_seed
 
 log = logging.getLogger(__name__)
 
@@ -85,14 +108,64 @@ class SGLangEngine(Engine):
         max_backoff_s: float = 8.0,
         failure_threshold: int = 2,
         cooldown_s: float = 30.0,
+        context_length: int | None = None,
     ) -> None:
+        """context_length: send no sequence longer than this (the server's own limit still applies)."""
         self.pool = ServerPool([urls] if isinstance(urls, str) else list(urls), failure_threshold, cooldown_s)
+        self._context_cap = context_length
+        self._context_length: int | None = None
+        self._context_known = False
         self.timeout_s, self.retries = timeout_s, retries
         self.http = RetryingHTTP(retries, backoff_s, max_backoff_s)
         self.executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="sglang-client")
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def context_length(self) -> int | None:
+        """`max_req_input_len - 1` of the first server that answers `/server_info` (or the older
+        `/get_server_info`; behind sglang-router, the smallest of its `/workers`), or the smaller
+        context_length asked for; None, with a warning, when neither is known."""
+        if not self._context_known:
+            limits = [c for c in (self._ask_context_length(), self._context_cap) if c]
+            self._context_length = min(limits) if limits else None
+            self._context_known = True
+        return self._context_length
+
+    def _ask_context_length(self) -> int | None:
+        for url in self.pool.healthy() or self.pool.urls:
+            limit = self._server_limit(url)
+            if limit is None:  # sglang-router: its /get_server_info has no model figures; ask its workers
+                limits = [c for w in self._router_workers(url) if (c := self._server_limit(w)) is not None]
+                limit = min(limits) if limits else None
+            if limit is not None:
+                return limit
+        log.warning("sglang engine: no server reported max_req_input_len or context_length; no truncation")
+        return None
+
+    def _get_json(self, url: str) -> Any:
+        try:
+            r = self.http.session().get(url, timeout=min(self.timeout_s, 30.0))
+            return r.json() if r.status_code == 200 else None
+        except (requests.RequestException, ValueError):
+            return None
+
+    def _server_limit(self, url: str) -> int | None:
+        for path in ("/server_info", "/get_server_info"):  # the second is the older servers' name
+            info = self._get_json(f"{url}{path}")
+            if not isinstance(info, dict):
+                continue
+            if info.get("max_req_input_len"):
+                return int(info["max_req_input_len"]) - 1
+            if info.get("context_length"):  # no scheduler figure: keep SGLang's margin of 6
+                return int(info["context_length"]) - 7
+        return None
+
+    def _router_workers(self, url: str) -> list[str]:
+        info = self._get_json(f"{url}/workers")
+        workers = info.get("workers") if isinstance(info, dict) else None
+        return [str(w["url"]).rstrip("/") for w in workers or [] if isinstance(w, dict) and w.get("url")]
 
     # ---------------------------------------------------------------------------------- transport
     def _post(self, payload: dict) -> dict:
@@ -121,6 +194,7 @@ class SGLangEngine(Engine):
     # ---------------------------------------------------------------------------------- interface
     @staticmethod
     def sampling_params(max_new_tokens: int, stop: list[int], seed: int | None) -> dict[str, Any]:
+        # no ignore_eos: in SGLang it also disables stop_token_ids (see the module docstring)
         sp: dict[str, Any] = {
             "temperature": 1.0,
             "top_p": 1.0,
@@ -128,7 +202,6 @@ class SGLangEngine(Engine):
             "min_p": 0.0,
             "max_new_tokens": int(max_new_tokens),
             "stop_token_ids": [int(t) for t in stop],
-            "ignore_eos": True,
             "skip_special_tokens": False,
             "no_stop_trim": True,
         }
@@ -150,19 +223,44 @@ class SGLangEngine(Engine):
 
         def one(job: tuple[int, int]) -> Sample:
             i, j = job
-            payload = {
-                "input_ids": list(prompts[i]),
-                "sampling_params": self.sampling_params(max_new_tokens, stop, sample_seed(seeds[i], j)),
-                "return_logprob": True,
-                "logprob_start_len": len(prompts[i]) - 1,
-            }
-            return self._parse_sample(self._post(payload), stop_set)
+            return self._sample_one(list(prompts[i]), max_new_tokens, stop, stop_set, sample_seed(seeds[i], j))
 
         flat = self._map(one, jobs)
         return [flat[i * n : (i + 1) * n] for i in range(len(prompts))]
 
+    def _sample_one(self, prompt: list[int], max_new_tokens: int, stop: list[int], stop_set: set[int], seed: int) -> Sample:
+        """One sample that only `stop` (or the length cap) ends: stops on other ids (the model's
+        EOS, which SGLang adds to every request without ignore_eos) are continued."""
+        tokens: list[int] = []
+        logprobs: list[float] = []
+        while True:
+            # the first request uses the sample's seed; a continuation one derived from it and the
+            # tokens so far (a fresh stream, reproducible under deterministic inference)
+            part_seed = seed if not tokens else derive_seed(seed, len(tokens))
+            sent = prompt + tokens
+            payload = {
+                "input_ids": sent,
+                "sampling_params": self.sampling_params(max_new_tokens - len(tokens), stop, part_seed),
+                "return_logprob": True,
+                "logprob_start_len": len(sent) - 1,
+            }
+            part, reason = self._parse_sample(self._post(payload))
+            tokens += part[0]
+            logprobs += part[1]
+            kind, matched = reason.get("type"), reason.get("matched")
+            if kind == "stop" and not isinstance(matched, int):
+                # e.g. SGLang's "NaN happened" (an out-of-vocab id replaced by a stop id): not a sample
+                raise EngineError(f"/generate stopped on {matched!r}, not on a token; the model's logits are broken")
+            if kind == "stop" and tokens and tokens[-1] in stop_set:
+                return Sample(tokens, logprobs, True, tokens[-1])
+            if kind == "stop" and part[0] and len(tokens) < max_new_tokens:
+                continue  # an EOS-type stop that is not ours
+            if kind not in ("stop", "length"):
+                raise EngineError(f"/generate finished with {reason!r}")
+            return Sample(tokens, logprobs, False, None)
+
     @staticmethod
-    def _parse_sample(body: dict, stop: set[int]) -> Sample:
+    def _parse_sample(body: dict) -> tuple[tuple[list[int], list[float]], dict]:
         meta = body.get("meta_info") or {}
         entries = meta.get("output_token_logprobs")
         if entries is None:
@@ -172,9 +270,7 @@ class SGLangEngine(Engine):
         out_ids = body.get("output_ids")
         if out_ids is not None and list(out_ids) != tokens:
             raise EngineError("output_ids and output_token_logprobs disagree")
-        reason = meta.get("finish_reason") or {}
-        finished = reason.get("type") == "stop" and bool(tokens) and tokens[-1] in stop
-        return Sample(tokens, logprobs, finished, tokens[-1] if finished else None)
+        return (tokens, logprobs), (meta.get("finish_reason") or {})
 
     def score(self, prompts: list[list[int]], continuations: list[list[int]]) -> list[float]:
         if len(prompts) != len(continuations):
@@ -188,7 +284,7 @@ class SGLangEngine(Engine):
                 return 0.0
             payload = {
                 "input_ids": p + c,
-                "sampling_params": self.sampling_params(1, [], 0),
+                "sampling_params": self.sampling_params(0, [], None),  # prefill only
                 "return_logprob": True,
                 "logprob_start_len": len(p) - 1,
             }
@@ -197,7 +293,8 @@ class SGLangEngine(Engine):
             if entries is None or len(entries) < len(c):
                 raise EngineError(f"input_token_logprobs has {None if entries is None else len(entries)} entries, need {len(c)}")
             tail = entries[-len(c) :]
-            if [int(e[1]) for e in tail] != c or any(e[0] is None for e in tail):
+            # SGLang reports ids >= vocab_size-1 as 0 (their values are right): the ids sent are the truth
+            if any(int(e[1]) not in (t, 0) for e, t in zip(tail, c)) or any(e[0] is None for e in tail):
                 raise EngineError("input_token_logprobs do not line up with the continuation tokens")
             return float(sum(float(e[0]) for e in tail))
 

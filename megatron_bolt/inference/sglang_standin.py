@@ -14,6 +14,22 @@ Protocol kept as SGLang speaks it:
 - GET /health, /health_generate, /get_model_info (/model_info), /get_server_info (/server_info),
   /v1/models, /get_load; POST /flush_cache.
 
+SGLang's rules, reproduced (SGLang 0.5.x, the function each follows):
+- Stops (`Req._check_token_based_finish`): `ignore_eos` switches every token stop off,
+  `stop_token_ids` included; without it a request also stops on the model's EOS ids (config and
+  generation_config `eos_token_id`, `ModelConfig._get_hf_eos_token_id`, and the tokenizer's EOS).
+- Seeds (`SamplingBatchInfo.from_schedule_batch`): `sampling_seed` is used only when the server was
+  started with `--enable-deterministic-inference` (a request without one then gets 42); otherwise
+  every request draws fresh randomness. Seeded draws here are keyed by (seed, step), SGLang's by
+  (seed, position): the client relies on neither.
+- Input log-prob ids (`SchedulerLogprobResultProcessor._process_input_token_logprobs`): every id
+  >= vocab_size-1 is reported as 0; the log-prob values are those of the real ids.
+- Length (`TokenizerManager._validate_one_request`, then the scheduler's `validate_input_length`
+  and `init_req_max_new_tokens`): an input of >= context_length tokens, or input + max_new_tokens
+  > context_length, gets HTTP 400 with SGLang's message; so does an input of >= max_req_input_len
+  (context_length - 6, SGLang's max_req_len - 5 with max_req_len = context_length - 1); and
+  max_new_tokens is cut to max_req_len - input - 1. `/server_info` reports all three figures.
+
 Only untempered sampling is implemented (temperature 1, top_p 1, top_k -1 or 0, min_p 0): other
 settings get a 400, never a silently different distribution. Concurrent requests are merged by
 a batching thread into one engine call, as SGLang's scheduler would.
@@ -36,6 +52,7 @@ from megatron_bolt.inference.local import LocalEngine, RowResult
 
 VERSION = "0.5.0-bolt"
 DEFAULT_MAX_NEW_TOKENS = 128  # SGLang's default
+DETERMINISTIC_DEFAULT_SEED = 42  # SamplingBatchInfo.from_schedule_batch: a seedless request under deterministic inference
 
 
 class BadRequest(ValueError):
@@ -118,12 +135,34 @@ def _as_list(value: Any, n: int, name: str) -> list:
 class GenerateHandler:
     """Turns /generate JSON into engine rows and engine rows back into SGLang's response shape."""
 
-    def __init__(self, engine: LocalEngine, batcher: Batcher, tokenizer=None) -> None:
+    def __init__(self, engine: LocalEngine, batcher: Batcher, tokenizer=None, deterministic: bool = False,
+                 context_length: int | None = None) -> None:
         self.engine, self.batcher, self.tokenizer = engine, batcher, tokenizer
-        eos = getattr(engine.model.generation_config, "eos_token_id", None)
-        if eos is None:
-            eos = getattr(engine.model.config, "eos_token_id", None)
-        self.eos_ids = set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
+        self.deterministic = deterministic
+        self.eos_ids: set[int] = set()
+        for source in (engine.model.config, getattr(engine.model, "generation_config", None), tokenizer):
+            eos = getattr(source, "eos_token_id", None)
+            self.eos_ids |= set(eos if isinstance(eos, list) else ([eos] if eos is not None else []))
+        self.vocab_size = int(engine.model.config.vocab_size)
+        self.context_length = int(context_length or engine.context_length or 1 << 30)
+        self.max_req_len = self.context_length - 1
+        self.max_req_input_len = self.max_req_len - 5
+
+    def _check_length(self, n_input: int, max_new: int) -> int:
+        """SGLang's length rules: 400 messages as SGLang words them; returns the max_new_tokens kept."""
+        c = self.context_length
+        if n_input >= c:
+            raise BadRequest(f"The input ({n_input} tokens) is longer than the model's context length ({c} tokens).")
+        if n_input + max_new > c:
+            raise BadRequest(
+                f"Requested token count exceeds the model's maximum context length of {c} tokens. You requested a "
+                f"total of {n_input + max_new} tokens: {n_input} tokens from the input messages and {max_new} tokens "
+                "for the completion. Please reduce the number of tokens in the input messages or the completion to "
+                "fit within the limit.")
+        if n_input >= self.max_req_input_len:
+            raise BadRequest(f"Input length ({n_input} tokens) exceeds the maximum allowed length "
+                             f"({self.max_req_input_len} tokens). Use a shorter input or enable --allow-auto-truncate.")
+        return max(0, min(max_new, self.max_req_len - n_input - 1))
 
     def handle(self, req: dict) -> Any:
         if req.get("stream"):
@@ -149,24 +188,32 @@ class GenerateHandler:
         tops = _as_list(req.get("top_logprobs_num", 0), n, "top_logprobs_num")
         rids = _as_list(req.get("rid"), n, "rid")
         t0 = time.monotonic()
-        futures, metas = [], []
-        for i, (prompt, sp) in enumerate(zip(ids, sps)):
+        rows = []
+        for i, (prompt, sp) in enumerate(zip(ids, sps)):  # every row is checked before any runs
             self._check_sampling(sp or {}, i)
             if tops[i]:
                 raise BadRequest("top_logprobs_num is not supported by bolt serve")
             sp = sp or {}
-            max_new = int(sp.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS) or 0)
-            stop = {int(t) for t in (sp.get("stop_token_ids") or [])}
+            max_new = sp.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS)
+            max_new = self._check_length(len(prompt), int(max_new if max_new is not None else 1 << 30))
+            # ignore_eos: no token stop at all, stop_token_ids included (Req._check_token_based_finish)
+            stop: set[int] = set()
             if not sp.get("ignore_eos", False):
-                stop |= self.eos_ids
+                stop = {int(t) for t in (sp.get("stop_token_ids") or [])} | self.eos_ids
             start = None
             if ret_lp[i]:
                 s = int(starts[i]) if starts[i] is not None else -1
                 start = len(prompt) - 1 if s < 0 else min(s, len(prompt) - 1)
             seed = sp.get("sampling_seed")
-            seed = int(seed) if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-            futures.append(self.batcher.submit(_Item(prompt, seed, max_new, frozenset(stop), start, Future())))
-            metas.append((prompt, max_new, start, rids[i] or uuid.uuid4().hex))
+            if not self.deterministic:  # SGLang's sampler never sees the seed then
+                seed = int.from_bytes(os.urandom(8), "little") >> 1
+            elif seed is None:
+                seed = DETERMINISTIC_DEFAULT_SEED
+            rows.append((prompt, int(seed), max_new, frozenset(stop), start, rids[i] or uuid.uuid4().hex))
+        futures, metas = [], []
+        for prompt, seed, max_new, stop, start, rid in rows:
+            futures.append(self.batcher.submit(_Item(prompt, seed, max_new, stop, start, Future())))
+            metas.append((prompt, max_new, start, rid))
         out = []
         for fut, (prompt, max_new, start, rid) in zip(futures, metas):
             r: RowResult = fut.result()
@@ -207,7 +254,8 @@ class GenerateHandler:
         }
         if start is not None:
             vals = [None] + list(r.input_logprobs or [])
-            meta["input_token_logprobs"] = [[v, t, None] for v, t in zip(vals, prompt[start:])]
+            clip = self.vocab_size - 1  # ids >= vocab_size-1 are reported as 0, as SGLang does
+            meta["input_token_logprobs"] = [[v, t if t < clip else 0, None] for v, t in zip(vals, prompt[start:])]
             meta["output_token_logprobs"] = [[v, t, None] for v, t in zip(r.logprobs, r.tokens)]
         text = ""
         if self.tokenizer is not None:
@@ -220,7 +268,10 @@ class _Server(ThreadingHTTPServer):
     allow_reuse_address = True
 
 
-def make_server(model_dir: str, host: str, port: int, device: str | None = None) -> tuple[_Server, Batcher]:
+def make_server(model_dir: str, host: str, port: int, device: str | None = None, deterministic: bool = False,
+                context_length: int | None = None) -> tuple[_Server, Batcher]:
+    """deterministic: SGLang's --enable-deterministic-inference (honour sampling_seed);
+    context_length: SGLang's --context-length (default the model's max_position_embeddings)."""
     engine = LocalEngine(model_dir, device=device)
     tokenizer = None
     try:
@@ -230,11 +281,11 @@ def make_server(model_dir: str, host: str, port: int, device: str | None = None)
     except Exception:  # a model dir without tokenizer files still serves input_ids
         tokenizer = None
     batcher = Batcher(engine)
-    gen = GenerateHandler(engine, batcher, tokenizer)
+    gen = GenerateHandler(engine, batcher, tokenizer, deterministic, context_length)
     started = time.time()
     model_type = getattr(engine.model.config, "model_type", None)
     archs = getattr(engine.model.config, "architectures", None) or [type(engine.model).__name__]
-    max_len = int(getattr(engine.model.config, "max_position_embeddings", 0) or 0)
+    max_len = gen.context_length
 
     def model_info() -> dict:
         return {
@@ -255,6 +306,9 @@ def make_server(model_dir: str, host: str, port: int, device: str | None = None)
             "tokenizer_path": model_dir if tokenizer is not None else None,
             "served_model_name": model_dir,
             "context_length": max_len,
+            "max_req_len": gen.max_req_len,
+            "max_req_input_len": gen.max_req_input_len,
+            "enable_deterministic_inference": deterministic,
             "dp_size": 1,
             "tp_size": 1,
             "version": VERSION,
@@ -330,10 +384,12 @@ def make_server(model_dir: str, host: str, port: int, device: str | None = None)
     return _Server((host, port), Handler), batcher
 
 
-def serve(model_dir: str, host: str = "127.0.0.1", port: int = 30000, device: str | None = None) -> None:
+def serve(model_dir: str, host: str = "127.0.0.1", port: int = 30000, device: str | None = None,
+          deterministic: bool = False, context_length: int | None = None) -> None:
     """Serve until interrupted."""
-    server, batcher = make_server(model_dir, host, port, device)
-    print(f"bolt serve: {model_dir} on http://{host}:{server.server_address[1]}", flush=True)
+    server, batcher = make_server(model_dir, host, port, device, deterministic, context_length)
+    seeds = "sampling_seed honoured" if deterministic else "sampling_seed ignored (no --enable-deterministic-inference)"
+    print(f"bolt serve: {model_dir} on http://{host}:{server.server_address[1]}; {seeds}", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -4,8 +4,9 @@ A teacher is anything with `latents(prefixes, chunks) -> list[str]`; `bolt warms
 decoded text of each chunk and of its prefix (the previous chunks of the same document).
 
 - `toy`: the toy math world's exact teacher (`megatron_bolt.toy.world.teacher_latent`).
-- `openai`: any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, SGLang, llama.cpp, ...).
-  One request per chunk, sent from a thread pool, with retries and exponential backoff on
+- `openai`: any OpenAI-compatible chat-completions endpoint (OpenAI, vLLM, SGLang, llama.cpp, ...),
+  asked as the BoLT reference asks (`DEFAULT_SYSTEM_PROMPT`, `DEFAULT_PROMPT`, gpt-4o-mini pinned,
+  temperature 0.7, up to 6000 tokens). One request per chunk, sent from a thread pool, with retries and exponential backoff on
   connection errors, timeouts, HTTP 5xx and 429 (a `Retry-After` header is honoured), and an
   optional requests-per-minute limit. The API key only ever goes into the Authorization header:
   it is not printed, logged, or put in a repr or an exception message.
@@ -26,29 +27,32 @@ from megatron_bolt.config import OpenAITeacherConfig, check_section
 from megatron_bolt.errors import UserError
 from megatron_bolt.http_retry import RetriesExhausted, RetryingHTTP, Stopped, Transient
 
-# The warm-start instructions of method.md, in this project's words. {prefix} and {suffix} are
-# replaced by the texts; everything else is sent as written.
-DEFAULT_PROMPT = """\
-We are building training text in which every passage comes with the thinking an expert would \
-have done before writing it. Below, a document is cut in two: the PREFIX (what came before; it \
-may be empty at the start of a document) and the SUFFIX (the passage that follows).
+# The warm-start request of the BoLT reference (ryoungj/BoLT configs/gen/gpt_latent_thoughts.yaml,
+# sent by apps/main/gen_utils/openai_batch.py `prepare_prompts`: a system message, then one user
+# message), restated in this project's words. {prefix} and {suffix} are replaced by the texts;
+# everything else is sent as written. An empty prefix (a document's first chunk) is sent as
+# EMPTY_PREFIX, as the reference does.
+DEFAULT_SYSTEM_PROMPT = (
+    "You are an expert reader with broad and deep knowledge, able to understand any web document "
+    "and to reason through it carefully."
+)
 
-Write the missing thought behind the SUFFIX: the background knowledge the suffix takes for \
-granted that the prefix does not already supply, and the step-by-step reasoning that leads to \
-what the suffix says, including every intermediate calculation or inference it skips.
-
-Rules:
-- Use plain declarative sentences, like notes an expert writes for themselves.
-- Do not restate or summarise the prefix, and do not copy the suffix.
-- Do not mention the prefix, the suffix, the reader or these instructions.
-- Reply with the thought only.
+DEFAULT_PROMPT = """Below are two consecutive pieces of one web document: a PREFIX and the SUFFIX that follows it. Write the latent thoughts that lie between them: the thinking, given the prefix, from which the suffix was written. They consist of the background knowledge that the suffix relies on without stating it, and the reasoning behind each of its claims, spelled out step by step (derivations, calculations and logical inferences in full).
 
 PREFIX:
 {prefix}
 
 SUFFIX:
 {suffix}
+
+Now write the latent thoughts. Use short, plain, declarative sentences. Your reply is read by a program, not a person: do not comment on the task and never speak of a prefix or a suffix. No markdown, no formatting, no decoration. Make every sentence carry information; avoid empty statements such as "this is important". Concentrate on the suffix and do not repeat what the prefix already says. Give what the suffix leaves implicit, its unstated knowledge and reasoning, with concrete logic or mathematics wherever they apply.
 """
+
+EMPTY_PREFIX = "N/A"
+# The reference's teacher and its decoding settings (gpt_latent_thoughts.yaml).
+DEFAULT_MODEL = "gpt-4o-mini-2024-07-18"
+DEFAULT_MAX_TOKENS = 6000
+DEFAULT_TEMPERATURE = 0.7
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 _PLACEHOLDER = re.compile(r"\{(prefix|suffix)\}")
@@ -161,7 +165,8 @@ def _server_message(response) -> str:
 
 
 class OpenAITeacher(Teacher):
-    """A chat-completions client: one user message (the rendered prompt) per chunk."""
+    """A chat-completions client: per chunk, the system message (if any) and one user message (the
+    rendered prompt)."""
 
     name = "openai"
 
@@ -170,13 +175,14 @@ class OpenAITeacher(Teacher):
         base_url: str,
         model: str,
         api_key: str,
-        temperature: float = 0.7,
-        max_tokens: int | None = 1024,
+        temperature: float = DEFAULT_TEMPERATURE,
+        max_tokens: int | None = DEFAULT_MAX_TOKENS,
         concurrency: int = 8,
         requests_per_minute: float | None = None,
         max_retries: int = 6,
         timeout_s: float = 120.0,
         prompt_template: str = DEFAULT_PROMPT,
+        system_prompt: str | None = DEFAULT_SYSTEM_PROMPT,
         backoff_s: float = 1.0,
         max_backoff_s: float = 60.0,
     ) -> None:
@@ -196,6 +202,7 @@ class OpenAITeacher(Teacher):
         self.temperature, self.max_tokens = temperature, max_tokens
         self.max_retries, self.timeout_s = max_retries, timeout_s
         self.template = prompt_template
+        self.system_prompt = system_prompt or None
         self.limiter = _RateLimiter(requests_per_minute)
         self.executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="teacher")
         self._lock = threading.Lock()
@@ -217,12 +224,14 @@ class OpenAITeacher(Teacher):
         """A server or library message with the key, should it echo it, masked."""
         return text.replace(self._key.value, "***")
 
+    def messages(self, prefix: str, chunk: str) -> list[dict]:
+        user = {"role": "user", "content": render_prompt(self.template, prefix or EMPTY_PREFIX, chunk)}
+        if self.system_prompt is None:
+            return [user]
+        return [{"role": "system", "content": self.system_prompt}, user]
+
     def payload(self, prefix: str, chunk: str) -> dict:
-        body = {
-            "model": self.model,
-            "messages": [{"role": "user", "content": render_prompt(self.template, prefix, chunk)}],
-            "temperature": self.temperature,
-        }
+        body = {"model": self.model, "messages": self.messages(prefix, chunk), "temperature": self.temperature}
         if self.max_tokens:
             body["max_tokens"] = self.max_tokens
         return body
@@ -295,7 +304,8 @@ class OpenAITeacher(Teacher):
 
 def make_teacher(kind: str, openai: OpenAITeacherConfig | None = None) -> Teacher:
     """A teacher by name; the openai one reads OPENAI_BASE_URL (default OpenAI's own), OPENAI_MODEL
-    and the key variable from the environment where the config leaves them out."""
+    (default DEFAULT_MODEL, the reference's pinned gpt-4o-mini) and the key variable from the
+    environment where the config leaves them out."""
     if kind == "toy":
         return ToyTeacher()
     if kind == "openai":
@@ -308,10 +318,11 @@ def make_teacher(kind: str, openai: OpenAITeacherConfig | None = None) -> Teache
         template = load_prompt_template(o.prompt_file) if o.prompt_file else DEFAULT_PROMPT
         return OpenAITeacher(
             o.base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL,
-            o.model or os.environ.get("OPENAI_MODEL", ""),
+            o.model or os.environ.get("OPENAI_MODEL") or DEFAULT_MODEL,
             key,
             temperature=o.temperature, max_tokens=o.max_tokens or None, concurrency=o.concurrency,
             requests_per_minute=o.requests_per_minute, max_retries=o.max_retries, timeout_s=o.timeout,
             prompt_template=template, backoff_s=o.retry_backoff,
+            system_prompt=DEFAULT_SYSTEM_PROMPT if o.system_prompt is None else o.system_prompt,
         )
     raise UserError(f"unknown teacher {kind!r} (choose toy or openai)")

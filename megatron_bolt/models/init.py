@@ -1,15 +1,18 @@
-"""Parallelism-invariant weight initialisation.
+"""Parallelism-invariant weight initialisation that builds only this rank's shard.
 
 Megatron initialises each tensor-parallel shard from its own RNG stream, so the same seed gives a
-different model at TP=2 than at TP=1. Here every parameter is drawn in full, in its TP=1 layout,
-from a generator seeded by (seed, global parameter name), and each rank keeps its slice: the same
-seed gives the same model at any TP/PP, which makes parallel runs comparable step for step.
+different model at TP=2 than at TP=1. Here the canonical (TP=1 layout) tensor is defined slice by
+slice along its TP partition dimension: slice i (a row of a column-parallel weight, a column of a
+row-parallel one, a row of anything else) is drawn from a generator seeded by
+(seed, global parameter name, i). A rank draws only the slices it holds, so it never allocates a
+full tensor, and the same seed gives the same model at any TP/PP.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from megatron.core import parallel_state
@@ -28,36 +31,79 @@ def global_name(local_name: str, layer_offset: int, tie_embeddings: bool) -> str
     return name
 
 
-def _generator(seed: int, name: str) -> torch.Generator:
+_ROW_PARALLEL = ("linear_proj.weight", "linear_fc2.weight")
+
+
+def _base_seed(seed: int, name: str) -> int:
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return int.from_bytes(digest[:8], "little") & ((1 << 62) - 1)
 
 
-def _full_tensor(name: str, shape: tuple[int, ...], cfg: ModelConfig, seed: int) -> torch.Tensor:
-    if name.endswith("layer_norm_weight") or "layernorm" in name or name.endswith("final_layernorm.weight"):
-        return torch.ones(shape)
-    std = cfg.init_std
-    if name.endswith("linear_proj.weight") or name.endswith("linear_fc2.weight"):
-        std = cfg.init_std / math.sqrt(2.0 * cfg.num_layers)  # Megatron's scaled init for output projections
-    return torch.randn(shape, generator=_generator(seed, name)) * std
+def _std(name: str, cfg: ModelConfig) -> float | None:
+    """None: a norm weight (ones)."""
+    if name.endswith("layer_norm_weight") or "layernorm" in name:
+        return None
+    if name.endswith(_ROW_PARALLEL):
+        return cfg.init_std / math.sqrt(2.0 * cfg.num_layers)  # Megatron's scaled init for output projections
+    return cfg.init_std
 
 
-def _tp_slice(name: str, full: torch.Tensor, param: torch.nn.Parameter, tp_rank: int, tp: int) -> torch.Tensor:
-    if tp == 1 or not getattr(param, "tensor_model_parallel", False):
-        return full
-    dim = param.partition_dim
+def canonical_slices(name: str, full_shape: tuple[int, ...], dim: int, indices: list[int], cfg: ModelConfig,
+                     seed: int) -> torch.Tensor:
+    """The slices `indices` (along `dim`) of the canonical tensor `name`, stacked along `dim`."""
+    std = _std(name, cfg)
+    slice_shape = full_shape[:dim] + full_shape[dim + 1:]
+    if name.endswith(".bias"):  # q/k/v biases (Qwen2 shape) start at zero, as in Megatron
+        return torch.zeros(slice_shape[:dim] + (len(indices),) + slice_shape[dim:])
+    if std is None:
+        out = torch.ones(slice_shape[:dim] + (len(indices),) + slice_shape[dim:])
+        return out
+    base = _base_seed(seed, name)
+    out = torch.empty((len(indices),) + slice_shape)
+
+    def fill(lo: int, hi: int) -> None:
+        gen = torch.Generator()
+        for j in range(lo, hi):
+            gen.manual_seed(base + indices[j])
+            out[j].normal_(0.0, std, generator=gen)
+
+    # Each slice has its own generator, so threads (ATen releases the GIL) give the same values.
+    workers = max(1, min(torch.get_num_threads(), len(indices) // 64))
+    bounds = [len(indices) * k // workers for k in range(workers + 1)]
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(fill, bounds[:-1], bounds[1:]))
+    return out.movedim(0, dim) if dim else out
+
+
+def local_indices(name: str, full_len: int, tp_rank: int, tp: int) -> list[int]:
+    """Which canonical slices along the partition dimension rank `tp_rank` of `tp` holds."""
+    if tp == 1:
+        return list(range(full_len))
     if name.endswith("linear_fc1.weight"):
         # SwiGLU: [gate; up] in the TP=1 layout, [gate_r; up_r] on each rank.
-        gate, up = full.chunk(2, dim=0)
-        return torch.cat([gate.chunk(tp, dim=0)[tp_rank], up.chunk(tp, dim=0)[tp_rank]], dim=0)
-    return full.chunk(tp, dim=dim)[tp_rank]
+        half = full_len // 2
+        part = half // tp
+        gate = range(tp_rank * part, (tp_rank + 1) * part)
+        return list(gate) + [half + i for i in gate]
+    part = full_len // tp
+    return list(range(tp_rank * part, (tp_rank + 1) * part))
 
 
-def _full_shape(name: str, param: torch.nn.Parameter, tp: int) -> tuple[int, ...]:
-    shape = list(param.shape)
-    if tp > 1 and getattr(param, "tensor_model_parallel", False):
-        shape[param.partition_dim] *= tp
-    return tuple(shape)
+def shard_init(name: str, param: torch.nn.Parameter, cfg: ModelConfig, seed: int, tp_rank: int,
+               tp: int) -> torch.Tensor:
+    """This rank's part of the canonical tensor `name`, built without the full tensor."""
+    # The slicing dimension comes from the layer's role, not from TP attributes, so the canonical
+    # tensor is the same whether or not a layer implementation tags its weights at TP=1: rows for
+    # column-parallel and vocabulary-parallel weights, columns for row-parallel ones.
+    dim = 1 if param.dim() == 2 and name.endswith(_ROW_PARALLEL) else 0
+    split = tp > 1 and bool(getattr(param, "tensor_model_parallel", False))
+    if split and param.partition_dim != dim:
+        raise ValueError(f"{name}: split along dim {param.partition_dim}, expected {dim}")
+    full_shape = list(param.shape)
+    if split:
+        full_shape[dim] *= tp
+    indices = local_indices(name, full_shape[dim], tp_rank, tp if split else 1)
+    return canonical_slices(name, tuple(full_shape), dim, indices, cfg, seed)
 
 
 @torch.no_grad()
@@ -67,5 +113,4 @@ def initialize_weights(model: torch.nn.Module, cfg: ModelConfig, seed: int, laye
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     for local_name, param in model.named_parameters():
         name = global_name(local_name, layer_offset, cfg.tie_embeddings)
-        full = _full_tensor(name, _full_shape(name, param, tp), cfg, seed)
-        param.copy_(_tp_slice(name, full, param, tp_rank, tp).to(param.dtype))
+        param.copy_(shard_init(name, param, cfg, seed, tp_rank, tp).to(param.dtype))

@@ -7,10 +7,13 @@ sequence `e_1 z_1^1..z_1^K e_2 z_2^1..` of length (K+1)T, where e_t is the token
 unprojected. A latent shares its token's position id. The loss (or logits) of token t is read at its
 last latent slot.
 
-Training uses Jacobi iterations: a plain pass over the T tokens gives the initial latents, then J
-passes over the interleaved sequence each replace every latent with the output of the slot before
-it, and a final pass gives the logits. Gradients flow through all passes. After J >= K*T iterations
-the result equals the sequential computation (`ponder_generate`). J is drawn from
+Training uses Jacobi iterations. The starting latents are warmed up as the PonderLM-2 reference
+does: K passes over growing sequences (the plain T tokens; then tokens with 1 latent each; ...;
+tokens with K-1 latents), each pass's slot outputs becoming the next pass's latents, so latent k
+starts from a k-step computation rather than a copy of the plain pass. Then J passes over the full
+interleaved sequence each replace every latent with the output of the slot before it, and a final
+pass gives the logits: K + J + 1 passes. Gradients flow through all passes. After J >= K*T
+iterations the result equals the sequential computation (`models.generation`). J is drawn from
 `model.jacobi_iters` in training (a hash of the seed and the micro-batch tokens, so every TP rank
 draws the same J, a resumed run redraws what it drew before, and DP ranks agree with DP = 1) and is
 `model.eval_jacobi_iters` in eval mode.
@@ -29,7 +32,7 @@ from megatron.core.models.gpt import GPTModel
 
 from megatron_bolt.config import ModelConfig, ParallelConfig
 from megatron_bolt.errors import UserError
-from megatron_bolt.models.gpt import gpt_model_kwargs
+from megatron_bolt.models.gpt import gpt_model_kwargs, output_logits, rotary_for
 
 
 class PonderGPTModel(GPTModel):
@@ -49,20 +52,17 @@ class PonderGPTModel(GPTModel):
         self.seed = seed
         self.jacobi_override: int | None = None  # tests / benchmarks force a J
 
-    # -- pieces shared with ponder_generate -------------------------------------------------------
+    # -- pieces shared with generation and ponder_pipeline ---------------------------------------
     def rotary_for(self, positions: torch.Tensor) -> torch.Tensor:
         """RoPE frequencies [n, 1, 1, d] for explicit position ids [n] (not 0..n-1)."""
-        table = self.rotary_pos_emb(int(positions.max().item()) + 1)
-        return table[positions.long()]
+        return rotary_for(self, positions)
 
     def embed(self, input_ids: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """Scaled token embeddings, [T, b, h] (Megatron's sequence-first layout)."""
         return self.embedding(input_ids=input_ids, position_ids=position_ids) * self.embed_scale
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
-        out, _ = self.output_layer(hidden, weight=weight)
-        return out
+        return output_logits(self, hidden)
 
     def num_jacobi(self, input_ids: torch.Tensor) -> int:
         if self.jacobi_override is not None:
@@ -76,38 +76,48 @@ class PonderGPTModel(GPTModel):
         return self.jacobi_choices[int.from_bytes(digest[:8], "little") % len(self.jacobi_choices)]
 
     def interleave(self, emb: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        """emb [T, b, h], latents [T, K, b, h] -> [(K+1)T, b, h]."""
+        """emb [T, b, h], latents [T, k, b, h] (any k <= K) -> [(k+1)T, b, h]."""
         T, b, h = emb.shape
-        return torch.cat([emb.unsqueeze(1), latents], dim=1).reshape(T * (self.latents + 1), b, h)
+        return torch.cat([emb.unsqueeze(1), latents], dim=1).reshape(T * (latents.shape[1] + 1), b, h)
 
     def next_latents(self, out: torch.Tensor, tokens: int) -> torch.Tensor:
-        """The latents [T, K, b, h] fed to the next pass, from a pass's post-final-norm output.
+        """The latents [T, k, b, h] fed to the next pass, from a pass's post-final-norm output over
+        s slots per token: latent j of token t is the output of its slot j (the slot before it).
 
-        After the plain pass ([T, b, h]) every latent of token t is its output; after an interleaved
-        pass ([(K+1)T, b, h]) latent k of token t is the output of the slot before it (slot k).
+        While s <= K (warm-up) every slot's output is kept, so the next pass has one slot more; with
+        all K+1 slots the last one's output (the next token's logits) is dropped.
         """
         b, h = out.shape[1:]
-        if out.shape[0] == tokens:
-            return out.unsqueeze(1).expand(tokens, self.latents, b, h)
-        return out.view(tokens, self.latents + 1, b, h)[:, : self.latents]
+        slots = out.shape[0] // tokens
+        return out.view(tokens, slots, b, h)[:, : self.latents]
 
-    def pass_rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """RoPE of the plain pass (one slot per token) and of the interleaved passes (K+1 slots)."""
-        return self.rotary_for(positions), self.rotary_for(positions.repeat_interleave(self.latents + 1))
+    def pass_slots(self, iters: int) -> list[int]:
+        """Slots per token of each pass: K warm-up passes over growing sequences (1..K slots, as
+        PonderLM-2's `LlamaForCausalLM.forward` builds its stages), then `iters` Jacobi passes and
+        the final pass over all K+1 slots."""
+        return list(range(1, self.latents + 1)) + [self.latents + 1] * (iters + 1)
+
+    def slot_rotary(self, positions: torch.Tensor, slots: int) -> torch.Tensor:
+        """RoPE of a pass with `slots` slots per token (a latent shares its token's position)."""
+        return self.rotary_for(positions.repeat_interleave(slots))
+
+    def jacobi_latents(self, emb: torch.Tensor, positions: torch.Tensor, iters: int) -> torch.Tensor:
+        """The latents [T, K, b, h] after the warm-up and `iters` Jacobi passes (whole model, PP = 1):
+        what the final pass (or a generation prefill) runs on."""
+        T = emb.shape[0]
+        latents = emb.new_zeros(T, 0, *emb.shape[1:])
+        for slots in self.pass_slots(iters)[:-1]:
+            out = self.decoder(hidden_states=self.interleave(emb, latents), attention_mask=None,
+                               rotary_pos_emb=self.slot_rotary(positions, slots))
+            latents = self.next_latents(out, T)
+        return latents
 
     def jacobi_hidden(self, emb: torch.Tensor, positions: torch.Tensor, iters: int) -> torch.Tensor:
-        """Final-pass hidden states of the interleaved sequence, [(K+1)T, b, h] (whole model, PP = 1).
-
-        The plain pass, `iters` Jacobi passes and the final pass; `ponder_pipeline` runs the same
-        passes across pipeline stages.
-        """
-        T = emb.shape[0]
-        rotary_tokens, rotary_slots = self.pass_rotary(positions)
-        out = self.decoder(hidden_states=emb, attention_mask=None, rotary_pos_emb=rotary_tokens)
-        for _ in range(iters + 1):
-            out = self.decoder(hidden_states=self.interleave(emb, self.next_latents(out, T)), attention_mask=None,
-                               rotary_pos_emb=rotary_slots)
-        return out
+        """Final-pass hidden states of the interleaved sequence, [(K+1)T, b, h] (whole model, PP = 1);
+        `ponder_pipeline` runs the same passes across pipeline stages."""
+        latents = self.jacobi_latents(emb, positions, iters)
+        return self.decoder(hidden_states=self.interleave(emb, latents), attention_mask=None,
+                            rotary_pos_emb=self.slot_rotary(positions, self.latents + 1))
 
     # -- the GPTModel interface used by the training loop and `bolt score` ------------------------
     def forward(self, input_ids, position_ids, attention_mask, labels=None, **kwargs):

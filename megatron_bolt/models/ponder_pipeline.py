@@ -1,7 +1,7 @@
 """Pipeline parallelism for the ponder model: every Jacobi pass is a traversal of the pipeline.
 
-Megatron-Core's schedules run one forward per micro-batch per stage, but a ponder forward is J + 2
-passes through the whole model (plain pass, J Jacobi passes, final pass), and the last stage's
+Megatron-Core's schedules run one forward per micro-batch per stage, but a ponder forward is K + J + 1
+passes through the whole model (K warm-up passes, J Jacobi passes, final pass), and the last stage's
 post-final-norm output of one pass is the first stage's latent input of the next. So each stage
 runs its layers once per pass, receiving its input from the previous stage (the first stage: the
 last stage's previous output, turned into latents) and sending its output on, point to point over
@@ -95,9 +95,9 @@ def pipelined_jacobi_hidden(
     first, last = model.pre_process, model.post_process
     first_rank = parallel_state.get_pipeline_model_parallel_first_rank()
     last_rank = parallel_state.get_pipeline_model_parallel_last_rank()
-    rotary_tokens, rotary_slots = model.pass_rotary(positions)
     chain = _P2PChain(positions.device, model.config.pipeline_dtype)
-    slots = [T] + [T * (model.latents + 1)] * (iters + 1)  # sequence length of each pass
+    per_token = model.pass_slots(iters)
+    slots = [T * s for s in per_token]  # sequence length of each pass
     out = None
     for p, length in enumerate(slots):
         if first and p == 0:
@@ -108,7 +108,7 @@ def pipelined_jacobi_hidden(
         else:
             x = chain.recv((length, batch, h), parallel_state.get_pipeline_model_parallel_prev_rank())
         model.decoder.set_input_tensor(x)  # what a non-first stage's decoder reads instead of hidden_states
-        out = model.decoder(hidden_states=x, attention_mask=None, rotary_pos_emb=rotary_tokens if p == 0 else rotary_slots)
+        out = model.decoder(hidden_states=x, attention_mask=None, rotary_pos_emb=model.slot_rotary(positions, per_token[p]))
         if not last:
             chain.send(out, parallel_state.get_pipeline_model_parallel_next_rank())
         elif p < len(slots) - 1:

@@ -22,10 +22,16 @@ trained with latents can learn the steps, while one trained on the raw text sees
 grader reads the first `Final Answer: n` of a prediction. Numbers on the clock are written with two
 digits (`08`) so that a value is always the same token. The problem and answer formats are those of
 method.md's latent-space evaluation (`Problem:\\n{q}\\n`, `Final Answer: {a}`).
+
+Evaluation is held out: a fixed share of the (COUNT, START) pairs (`ToyWorld.heldout_fraction`,
+the same starts for every seed) never occurs in documents, and evaluation problems use only those
+pairs. Answering them in one step would need a fact the corpus never states; worked out, every
+step is one the corpus teaches (each value's successor occurs in other problems' workings).
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +64,37 @@ class ToyWorld:
     max_start: int = MODULUS - 1  # starting values 0..max_start
     min_problems_per_doc: int = 4
     max_problems_per_doc: int = 10
+    # Share of the START values held out for evaluation, per COUNT (rounded down: a world with
+    # fewer than 1 / heldout_fraction starts holds none out, and evaluates on corpus pairs).
+    heldout_fraction: float = 0.125
+
+    def pairs(self) -> list[tuple[int, int]]:
+        return [(c, s) for c in range(self.min_count, self.max_count + 1) for s in range(self.max_start + 1)]
+
+    def heldout_pairs(self) -> frozenset[tuple[int, int]]:
+        """The (COUNT, START) pairs of evaluation: for each COUNT the same number of STARTs, drawn
+        with a fixed seed (a world's split does not depend on the corpus seed)."""
+        starts = self.max_start + 1
+        per_count = int(self.heldout_fraction * starts)
+        out = set()
+        for count in range(self.min_count, self.max_count + 1):
+            rng = np.random.default_rng([STEP, MODULUS, count, starts])
+            out.update((count, int(s)) for s in rng.choice(starts, size=per_count, replace=False))
+        return frozenset(out)
+
+    def split_pairs(self, split: str) -> tuple[tuple[int, int], ...]:
+        """The pairs of `split`: "corpus" (documents) or "eval" (held-out problems)."""
+        return _split_pairs(self, split)
+
+
+@functools.lru_cache(maxsize=16)
+def _split_pairs(world: ToyWorld, split: str) -> tuple[tuple[int, int], ...]:
+    heldout = world.heldout_pairs()
+    if split == "eval":
+        return tuple(sorted(heldout)) if heldout else tuple(world.pairs())
+    if split == "corpus":
+        return tuple(p for p in world.pairs() if p not in heldout)
+    raise ValueError(f"split must be 'corpus' or 'eval', got {split!r}")
 
 
 def _clock(value: int) -> str:
@@ -78,10 +115,14 @@ def solve(question: str) -> ToyProblem:
     return ToyProblem(question=m.group(0), working="; ".join(steps), answer=_clock(value))
 
 
-def sample_problem(rng: np.random.Generator, world: ToyWorld = ToyWorld()) -> ToyProblem:
-    count = int(rng.integers(world.min_count, world.max_count + 1))
-    start = int(rng.integers(0, world.max_start + 1))
+def pair_problem(count: int, start: int) -> ToyProblem:
     return solve(f"{STEP} * {count} + {_clock(start)}")
+
+
+def sample_problem(rng: np.random.Generator, world: ToyWorld = ToyWorld(), split: str = "corpus") -> ToyProblem:
+    """A problem drawn uniformly from the pairs of `split` (see `ToyWorld.split_pairs`)."""
+    pairs = world.split_pairs(split)
+    return pair_problem(*pairs[int(rng.integers(len(pairs)))])
 
 
 def problem_text(p: ToyProblem) -> str:
@@ -99,12 +140,15 @@ def make_documents(num_docs: int, seed: int, world: ToyWorld = ToyWorld()) -> li
 
 
 def make_eval_items(n: int, seed: int, world: ToyWorld = ToyWorld()) -> list[dict]:
-    """Held-out problems as evaluation items: {"question", "answer", "working"}."""
+    """Held-out problems as evaluation items: {"question", "answer", "working"}. The held-out pairs
+    in a seeded order, each once before any repeats (so n up to their number are all distinct)."""
     rng = np.random.default_rng([seed, 2])
-    out = []
-    for _ in range(n):
-        p = sample_problem(rng, world)
-        out.append({"question": p.question, "answer": p.answer, "working": p.working})
+    pairs = world.split_pairs("eval")
+    out: list[dict] = []
+    while len(out) < n:
+        for i in rng.permutation(len(pairs))[: n - len(out)]:
+            p = pair_problem(*pairs[int(i)])
+            out.append({"question": p.question, "answer": p.answer, "working": p.working})
     return out
 
 

@@ -31,32 +31,41 @@ class _DatasetTokenizer:
         return {"class": "megatron_bolt", "eod": self.eod, "vocab_size": self.vocab_size}
 
 
-def parse_blend(prefixes: list) -> tuple[list[str], list[float] | None]:
+def parse_blend(prefixes: list, key: str = "data.prefixes") -> tuple[list[str], list[float] | None]:
     """`[p]`, `[p1, p2]` or Megatron's `[w1, p1, w2, p2]` -> (paths, weights)."""
     if not prefixes:
-        raise UserError("data.prefixes is empty: give at least one Megatron dataset prefix (or data.mock=true)")
+        raise UserError(f"{key} is empty: give at least one Megatron dataset prefix")
     if all(isinstance(p, str) for p in prefixes):
         paths, weights = [str(p) for p in prefixes], None
     elif len(prefixes) % 2 == 0 and all(isinstance(w, (int, float)) for w in prefixes[0::2]):
         weights = [float(w) for w in prefixes[0::2]]
         paths = [str(p) for p in prefixes[1::2]]
     else:
-        raise UserError("data.prefixes: expected [prefix, ...] or [weight, prefix, weight, prefix, ...]")
+        raise UserError(f"{key}: expected [prefix, ...] or [weight, prefix, weight, prefix, ...]")
     for path in paths:
         for ext in (".bin", ".idx"):
             if not Path(path + ext).is_file():
-                raise UserError(f"data.prefixes: missing dataset file {path}{ext}")
+                raise UserError(f"{key}: missing dataset file {path}{ext}")
     return paths, weights
 
 
 def build_datasets(cfg: RunConfig, num_samples: tuple[int, int, int]):
-    """(train, valid, test) GPTDatasets with at least the given numbers of samples."""
-    mock = cfg.data.uses_mock  # no blend: Megatron generates MockGPTDataset sequences
+    """(train, valid, test) GPTDatasets with at least the given numbers of samples (None where a
+    split is empty). Validation data are a share of data.prefixes (data.split, Megatron's --split)
+    or, with data.valid_prefixes, a blend of their own (Megatron's --valid-data-path). With
+    data.mock and no prefixes: Megatron's MockGPTDataset sequences, no files."""
+    mock = cfg.data.uses_mock
+    if mock:
+        splits = {"blend": None, "split": cfg.data.split}
+    elif cfg.data.valid_prefixes:
+        splits = {"blend_per_split": [parse_blend(cfg.data.prefixes),
+                                      parse_blend(cfg.data.valid_prefixes, "data.valid_prefixes"), None]}
+    else:
+        splits = {"blend": parse_blend(cfg.data.prefixes), "split": cfg.data.split}
     dataset_config = GPTDatasetConfig(
         random_seed=cfg.train.seed,
         sequence_length=cfg.model.seq_len,
-        blend=None if mock else parse_blend(cfg.data.prefixes),
-        split=cfg.data.split,
+        **splits,
         path_to_cache=cfg.data.cache_dir or str(Path(cfg.output_dir) / "data_cache"),
         tokenizer=_DatasetTokenizer(eod=cfg.data.eod_id, vocab_size=cfg.model.vocab_size),
         reset_position_ids=False,

@@ -1,4 +1,5 @@
-"""Summed log-probabilities of token sequences under a Megatron checkpoint (any TP, PP = 1).
+"""Summed log-probabilities of token sequences under a Megatron checkpoint (any TP, PP = 1), or
+under an HF export (`bolt convert mcore-to-hf`, gpt or ponder: transformers, one process).
 
 For validation loss / perplexity, and as the reference that HF conversion is checked against.
 Log-probs are over the real vocabulary: the TP padding rows of the output layer are dropped
@@ -45,7 +46,7 @@ def load_for_inference(ckpt_dir: str | Path):
     """(model, cfg) at TP = world size, PP = 1, weights from the checkpoint. Collective."""
     cfg = ckpt.read_run_config(ckpt_dir)
     world = dist.get_world_size() if dist.is_initialized() else int(__import__("os").environ.get("WORLD_SIZE", 1))
-    cfg.parallel.tp, cfg.parallel.pp = world, 1
+    cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp = world, 1, 1
     from megatron_bolt.config import validate
 
     validate(cfg)
@@ -87,13 +88,48 @@ def score_sequences(model, vocab_size: int, sequences: list[list[int]], batch_si
     return results
 
 
+def is_hf_directory(path: str | Path) -> bool:
+    """An HF model directory (config.json), not a megatron-bolt checkpoint (run_config.yaml)."""
+    return (Path(path) / "config.json").is_file() and not (Path(path) / ckpt.RUN_CONFIG).is_file()
+
+
+@torch.no_grad()
+def score_sequences_hf(model_dir: str | Path, sequences: list[list[int]], batch_size: int = 8) -> list[tuple[float, int]]:
+    """`score_sequences` with transformers on an HF export: one full forward per batch (a ponder
+    export runs its Jacobi procedure, exactly as the Megatron model does in eval mode)."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_bolt.models.hf_ponder import is_ponder_export
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                 trust_remote_code=is_ponder_export(model_dir)).eval()
+    vocab = int(model.config.vocab_size)
+    bad = [t for s in sequences for t in s if not 0 <= t < vocab]
+    if bad:
+        raise UserError(f"token id {bad[0]} outside the vocabulary of {model_dir} [0, {vocab})")
+    results: list[tuple[float, int]] = []
+    for start in range(0, len(sequences), batch_size):
+        batch = sequences[start : start + batch_size]
+        width = max(len(s) for s in batch)
+        tokens = torch.zeros(len(batch), width, dtype=torch.long)
+        for i, seq in enumerate(batch):
+            tokens[i, : len(seq)] = torch.tensor(seq, dtype=torch.long)  # right padding: after every scored token
+        logprobs = torch.log_softmax(model(input_ids=tokens).logits.float(), dim=-1)
+        picked = logprobs[:, :-1].gather(-1, tokens[:, 1:].unsqueeze(-1)).squeeze(-1)
+        results += [(float(picked[i, : len(s) - 1].double().sum()), len(s) - 1) for i, s in enumerate(batch)]
+    return results
+
+
 def score_file(ckpt_dir: str, input_path: str, output_path: str, batch_size: int = 8) -> dict:
     sequences = read_token_lines(input_path)
-    model, cfg = load_for_inference(ckpt_dir)
-    bad = [t for s in sequences for t in s if not 0 <= t < cfg.model.vocab_size]
-    if bad:
-        raise UserError(f"{input_path}: token id {bad[0]} outside the model's vocabulary [0, {cfg.model.vocab_size})")
-    scores = score_sequences(model, cfg.model.vocab_size, sequences, batch_size)
+    if is_hf_directory(ckpt_dir):
+        scores = score_sequences_hf(ckpt_dir, sequences, batch_size)
+    else:
+        model, cfg = load_for_inference(ckpt_dir)
+        bad = [t for s in sequences for t in s if not 0 <= t < cfg.model.vocab_size]
+        if bad:
+            raise UserError(f"{input_path}: token id {bad[0]} outside the model's vocabulary [0, {cfg.model.vocab_size})")
+        scores = score_sequences(model, cfg.model.vocab_size, sequences, batch_size)
     total_lp = sum(s for s, _ in scores)
     total_n = sum(n for _, n in scores)
     summary = {"sequences": len(scores), "tokens": total_n, "mean_nll": -total_lp / max(total_n, 1)}

@@ -1,4 +1,5 @@
-"""Sequential KV-cached inference for ponder (and vanilla GPT) models built from Megatron-Core layers.
+"""Generation for the project's Megatron-Core models, gpt and ponder: sequential KV-cached decoding
+(`bolt generate`, and the exact reference the ponder model's Jacobi passes approximate).
 
 The Megatron inference engine is not used: each transformer layer is run piecewise (its norms,
 `get_query_key_value_tensors`, RoPE, attention over a growing per-layer cache, `linear_proj`, MLP),
@@ -8,8 +9,10 @@ parallel projections do their own all-reduce).
 Ponder decoding appends K+1 positions per token, one at a time, all with the token's position id:
 the scaled token embedding, then K latents, each the post-final-norm output of the previous slot.
 The next-token logits are read at the last latent. Prefill runs the Jacobi procedure over the
-prompt (`PonderGPTModel.jacobi_hidden`) and then one cached pass over the interleaved prompt.
-A vanilla GPTModel is the K = 0 case.
+prompt (`PonderGPTModel.jacobi_latents`: the warm-up and J Jacobi passes), and its final pass is the
+cached pass over the interleaved prompt, so the prefill logits are those of the model's forward.
+A vanilla GPTModel is the K = 0 case. Embedding, RoPE and output layer are the model's own
+(`PonderGPTModel.embed`, `gpt.rotary_for`, `gpt.output_logits`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.models.common.embeddings.rope_utils import apply_rotary_pos_emb
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+from megatron_bolt.models.gpt import output_logits, rotary_for
 
 
 class KVCache:
@@ -73,9 +78,7 @@ def cached_decoder(model, hidden: torch.Tensor, rotary: torch.Tensor, cache: KVC
 
 def _full_logits(model, hidden: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[b, vocab] logits of the last position of hidden [s, b, h], gathered over TP."""
-    weight = model.shared_embedding_or_output_weight() if model.share_embeddings_and_output_weights else None
-    logits, _ = model.output_layer(hidden[-1:], weight=weight)
-    logits = gather_from_tensor_model_parallel_region(logits)
+    logits = gather_from_tensor_model_parallel_region(output_logits(model, hidden[-1:]))
     return logits[0, :, :vocab_size].float()
 
 
@@ -84,20 +87,19 @@ def _latents(model) -> int:
 
 
 def _embed(model, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    emb = model.embedding(input_ids=tokens, position_ids=positions)
-    return emb * model.embed_scale if _latents(model) else emb
+    """The model's input embeddings (scaled for ponder), [T, b, h]."""
+    if _latents(model):
+        return model.embed(tokens, positions)
+    return model.embedding(input_ids=tokens, position_ids=positions)
 
 
-def _rotary(model, positions: torch.Tensor) -> torch.Tensor:
-    table = model.rotary_pos_emb(int(positions.max().item()) + 1)
-    return table[positions.long()]
 
 
 @torch.no_grad()
 def step_token(model, token: torch.Tensor, position: int, cache: KVCache, vocab_size: int) -> torch.Tensor:
     """Append one token (and its K latents, one position at a time); next-token logits [b, vocab]."""
     pos = torch.full((1,), position, dtype=torch.long, device=token.device)
-    rotary = _rotary(model, pos)
+    rotary = rotary_for(model, pos)
     hidden = cached_decoder(model, _embed(model, token.view(-1, 1), pos.view(1, 1)), rotary, cache)
     for _ in range(_latents(model)):
         hidden = cached_decoder(model, hidden, rotary, cache)  # the latent is fed back unprojected
@@ -120,13 +122,11 @@ def prefill(model, tokens: torch.Tensor, vocab_size: int, jacobi_iters: int | No
     emb = _embed(model, tokens, positions.unsqueeze(0))
     K = _latents(model)
     if K == 0:
-        hidden = cached_decoder(model, emb, _rotary(model, positions), cache)
+        hidden = cached_decoder(model, emb, rotary_for(model, positions), cache)
         return cache, _full_logits(model, hidden, vocab_size)
     iters = model.eval_jacobi if jacobi_iters is None else jacobi_iters
-    jacobi = model.jacobi_hidden(emb, positions, iters)
-    latents = model.next_latents(jacobi, T)
-    hidden = cached_decoder(model, model.interleave(emb, latents), _rotary(model, positions.repeat_interleave(K + 1)),
-                            cache)
+    latents = model.jacobi_latents(emb, positions, iters)  # warm-up + J passes; the cached pass is the final one
+    hidden = cached_decoder(model, model.interleave(emb, latents), model.slot_rotary(positions, K + 1), cache)
     return cache, _full_logits(model, hidden, vocab_size)
 
 
