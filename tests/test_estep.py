@@ -304,8 +304,11 @@ def test_estep_truncates_to_the_context(setup, tmp_path):
             log_p = summed_logprob(ref, seq, max(len(prefix) - front, 1))
             assert abs(rec["log_q"][k] - log_q) < 1e-3 and abs(rec["log_p"][k] - log_p) < 1e-3
     assert (q_cut, joint_cut) == (totals.truncated.q_prompts, totals.truncated.joint)
-    res = run_iwae(LocalEngine(model_dir, context_length=context), chunks, [1, 2], settings, progress=False)
+    engine = LocalEngine(model_dir, context_length=context)
+    res = run_iwae(engine, chunks, [1, 2], settings, progress=False, protocol="chunk")  # the E-step's prefixes
     assert res["context"] == context and res["truncated"]["q_prompts"] == q_cut
+    whole = run_iwae(engine, chunks, [1, 2], settings, progress=False)  # whole-document prefixes: cut more
+    assert whole["truncated"]["q_prompts"] >= q_cut and whole["truncated"]["joint"] >= joint_cut
 
 
 def test_local_and_sglang_weigh_the_same_latents_alike(setup, tmp_path):

@@ -163,3 +163,16 @@ def test_dp_reshardable_optimizer_state_follows_a_dp_change_not_a_tp_change(tmp_
                 nproc=2, check=False)
     assert proc.returncode != 0 and "cannot be loaded at tp 2" in proc.stderr
     assert "checkpoint.optim_fully_reshardable=true" in proc.stderr
+
+
+@pytest.mark.slow
+def test_fully_reshardable_optimizer_state_follows_a_tp_change(tmp_path, synthetic_prefix):
+    opt = ("train.distributed_optimizer=true", "checkpoint.save_interval=2", "checkpoint.optim_fully_reshardable=true")
+    out = _train(tmp_path, "full", synthetic_prefix, "train.steps=4", *opt)
+    reference = _metrics(out)
+    (out / "checkpoints" / "latest_checkpointed_iteration.txt").write_text("2\n")
+    _train(tmp_path, "full", synthetic_prefix, "train.steps=4", *opt, "parallel.tp=2", nproc=2)
+    resumed = _metrics(out)
+    assert sorted(resumed) == [1, 2, 3, 4]
+    for step in (3, 4):
+        assert abs(resumed[step]["loss"] - reference[step]["loss"]) <= 1e-4 * reference[step]["loss"]

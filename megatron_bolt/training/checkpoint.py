@@ -16,6 +16,7 @@ and optionally asynchronous (--async-save).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -234,7 +235,8 @@ def _load_loaded(path: Path, model_chunks: list[torch.nn.Module], optimizer, loa
             raise UserError(f"{path}: weights do not match the model (missing {missing[:3]}, "
                             f"unexpected {list(result.unexpected_keys)[:3]})")
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with _fully_reshardable_without_step(optimizer):
+            optimizer.load_state_dict(loaded["optimizer"])
         _restore_torch_adam_steps(optimizer)
 
 
@@ -272,6 +274,31 @@ def _restore_torch_adam_steps(optimizer) -> None:
             for p in group["params"]:
                 if "step" in inner.state[p]:
                     inner.state[p]["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
+
+
+@contextlib.contextmanager
+def _fully_reshardable_without_step(optimizer):
+    """fully_reshardable state has no per-parameter Adam `step`, which a torch Adam's state has
+    (no Apex/TE): DistributedOptimizer's setter would fail on the missing key. It gets a
+    placeholder here; `_restore_torch_adam_steps` then puts the saved step in."""
+    patched = []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if type(getattr(opt, "optimizer", None)) not in (torch.optim.Adam, torch.optim.AdamW):
+            continue
+        setter = getattr(opt, "_set_main_param_and_optimizer_states", None)
+        if setter is None:
+            continue
+
+        def with_step(model_param, tensors, setter=setter):
+            return setter(model_param, {"step": torch.tensor(0.0), **tensors})
+
+        opt._set_main_param_and_optimizer_states = with_step
+        patched.append(opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states
 
 
 def _check_optimizer_format(ckpt_dir: Path, path: Path, metadata: dict, cfg: RunConfig | None) -> None:
