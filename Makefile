@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-fast lint bench clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,10 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+# The inner loop: everything but the multi-process and end-to-end tests (marked slow).
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" tests
 
 lint: setup
 	$(BIN)/ruff check .

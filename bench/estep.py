@@ -31,8 +31,9 @@ from megatron_bolt.config import EStepConfig
 from megatron_bolt.data.formats import posterior_sampling_prompt, prior_scoring_sequence
 from megatron_bolt.inference.base import Engine
 from megatron_bolt.inference.local import LocalEngine
-from megatron_bolt.latents.estep import latent_ids, sample_and_weight
+from megatron_bolt.latents.estep import sample_and_weight
 from megatron_bolt.stores.chunk_store import ChunkStore, write_chunk_store
+from megatron_bolt.tokenizer import LatentTokenIds
 
 
 def build(tmp: str, args) -> tuple[str, str]:
@@ -58,7 +59,7 @@ def build(tmp: str, args) -> tuple[str, str]:
 def baseline(model_dir: str, chunks: ChunkStore, idx: list[int], args) -> tuple[float, float, int]:
     """(sampling seconds, scoring seconds, generated tokens) of the one-at-a-time script."""
     model = LlamaForCausalLM.from_pretrained(model_dir, dtype=torch.float32).to(args.device).eval()
-    ids = latent_ids(chunks.special_tokens)
+    ids = LatentTokenIds.from_special_tokens(chunks.special_tokens, str(chunks.path))
     bos = chunks.special_tokens["bos"]
     tokens = 0
     score_s = 0.0
@@ -196,7 +197,7 @@ def timed_estep(engine: Engine, chunks: ChunkStore, idx: list[int], settings: ES
 
 def scoring_pairs(chunks: ChunkStore, idx: list[int], res, prefix_chunks: int):
     """The E-step's log p (prompt, continuation) pairs for the latents in `res`."""
-    ids = latent_ids(chunks.special_tokens)
+    ids = LatentTokenIds.from_special_tokens(chunks.special_tokens, chunks.path)
     bos = [int(chunks.special_tokens["bos"])]
     prompts, conts = [], []
     for j, i in enumerate(idx):

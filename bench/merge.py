@@ -25,7 +25,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_bolt.data.merge import merge_latents, output_paths  # noqa: E402
+from megatron_bolt.data.indexed import document_paths  # noqa: E402
+from megatron_bolt.data.merge import merge_latents  # noqa: E402
 from megatron_bolt.stores.chunk_store import ChunkStore, write_chunk_store  # noqa: E402
 from megatron_bolt.stores.latent_store import LatentStore  # noqa: E402
 
@@ -120,10 +121,10 @@ def main() -> int:
     for _ in range(args.repeats):
         t = time.perf_counter()
         summary = merge_latents(chunks_path, latents_path, workdir / "ltm", epochs=args.epochs, progress=False)
-        with open(output_paths(workdir / "ltm")[0], "rb+") as f:
+        with open(document_paths(workdir / "ltm")[0], "rb+") as f:
             os.fsync(f.fileno())
         merge_s.append(time.perf_counter() - t)
-        nbytes = os.path.getsize(output_paths(workdir / "ltm")[0])
+        nbytes = os.path.getsize(document_paths(workdir / "ltm")[0])
         t = time.perf_counter()
         plain_copy(chunks_path, latents_path, workdir / "copy.bin", nbytes, 1 << 22, args.epochs)
         copy_s.append(time.perf_counter() - t)

@@ -150,6 +150,14 @@ class DataConfig:
     cache_dir: str | None = None  # default: output_dir/data_cache
     eod_id: int = 0  # used only for reset masks; packing is plain causal (method.md)
     num_workers: int = 0
+    # Megatron's --mock-data: no files, synthetic token sequences generated in-process
+    # (megatron.core.datasets.gpt_dataset.MockGPTDataset), for trying a config or a cluster. Only
+    # while data.prefixes is empty: giving prefixes (e.g. as an override of examples/tiny) trains on them.
+    mock: bool = False
+
+    @property
+    def uses_mock(self) -> bool:
+        return self.mock and not self.prefixes
 
 
 @dataclass

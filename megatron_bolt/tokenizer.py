@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_bolt.atomic import atomic_path
 from megatron_bolt.errors import UserError
 
 LATENT_TOKENS = ("<|START_OF_LATENT|>", "<|END_OF_LATENT|>", "<|PRIOR_PREFIX|>", "<|POSTERIOR_PREFIX|>")
@@ -39,10 +40,22 @@ _META_FILE = "bolt_tokenizer.json"
 
 @dataclass(frozen=True)
 class LatentTokenIds:
+    """The ids of the four latent special tokens (the one type for them: tokenizers, chunk stores,
+    data formats, the E-step and merge all use it)."""
+
     sol: int
     eol: int
     prior: int
     posterior: int
+
+    @classmethod
+    def from_special_tokens(cls, special_tokens: dict, where: str) -> LatentTokenIds:
+        """From a store's `special_tokens` attribute; `where` (its path) names it in the error."""
+        missing = [k for k in ("sol", "eol", "prior", "posterior") if k not in special_tokens]
+        if missing:
+            raise UserError(f"{where}: attribute special_tokens lacks {', '.join(missing)} "
+                            f"(has {sorted(special_tokens)})")
+        return cls(*(int(special_tokens[k]) for k in ("sol", "eol", "prior", "posterior")))
 
 
 class BoltTokenizer:
@@ -402,13 +415,9 @@ def train_bpe_tokenizer(files: Sequence[str], vocab_size: int, out_dir: str, key
     )
     tok.train_from_iterator(iter_training_texts(files, key), trainer=trainer)
     out = Path(out_dir)
-    tmp = out.with_name(out.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tok.save(str(tmp / "tokenizer.json"))
-    loaded = HFTokenizer(tmp / "tokenizer.json", {"bos_token": "<s>", "eos_token": "</s>"}, True, name=str(out))
-    loaded.save(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_path(out) as tmp:
+        tmp.mkdir()
+        tok.save(str(tmp / "tokenizer.json"))
+        loaded = HFTokenizer(tmp / "tokenizer.json", {"bos_token": "<s>", "eos_token": "</s>"}, True, name=str(out))
+        loaded.save(tmp)
     return load_tokenizer(str(out))

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -14,26 +17,103 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "examples" / "tiny" / "config.yaml"
 
 
+LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def bolt(*args: str, nproc: int = 1, timeout: int = 600, env: dict | None = None, check: bool = True):
+def scrubbed_env(**extra: str) -> dict[str, str]:
+    """This environment for a child `bolt` as a user would start it: no launcher variables
+    inherited (a test runner under torchrun or SLURM must not make it a rank), one thread."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_VARS}
+    return {**env, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **extra}
+
+
+def bolt(*args: str, nproc: int = 1, timeout: int = 600, env: dict | None = None, check: bool = True,
+         cwd: Path | str = REPO):
     """Run the bolt CLI as a user would: one process, or `torchrun --nproc-per-node nproc`."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        full_env.pop(key, None)
+    full_env = scrubbed_env(**(env or {}))
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "megatron_bolt", *args]
     else:
         cmd = [sys.executable, "-m", "megatron_bolt", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=REPO)
+    if Path(cwd) != REPO:
+        full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), full_env.get("PYTHONPATH")]))
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def tiny_llama(path: Path, vocab_size: int = 48, max_positions: int = 256, sharpen: float = 8.0,
+               bos_id: int = 0, eos_id: int = 1) -> str:
+    """A random 2-layer GQA LlamaForCausalLM saved at `path` (HF layout), seeded; its lm_head is
+    scaled by `sharpen` so sampling is not uniform noise and greedy argmaxes have clear margins."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=max_positions, eos_token_id=eos_id, bos_token_id=bos_id,
+    )
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(sharpen)
+    model.save_pretrained(path)
+    return str(path)
+
+
+# ------------------------------------------------------------------ no process outlives the suite
+# Every process the suite starts inherits this variable, so one left behind is found even after its
+# parent died and it was re-parented to init (an orphaned server or multiprocessing child).
+SESSION_VAR = "MEGATRON_BOLT_TEST_SESSION"
+
+
+def _session_processes(tag: str) -> list[tuple[int, str]]:
+    """(pid, command line) of live processes other than this one whose environment has the tag."""
+    found, needle = [], f"{SESSION_VAR}={tag}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle not in (entry / "environ").read_bytes().split(b"\0"):
+                continue
+            if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue  # a zombie holds nothing; its parent has not reaped it yet
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        found.append((int(entry.name), cmdline))
+    return found
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    os.environ[SESSION_VAR] = f"{os.getpid()}-{time.time_ns()}"
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    tag = os.environ.get(SESSION_VAR)
+    if not tag or not Path("/proc").is_dir():
+        return
+    deadline = time.monotonic() + 10  # children that are shutting down get a moment
+    left = _session_processes(tag)
+    while left and time.monotonic() < deadline:
+        time.sleep(0.2)
+        left = _session_processes(tag)
+    if left:
+        for pid, _ in left:
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+        listing = "\n".join(f"  pid {pid}: {cmd[:200]}" for pid, cmd in left)
+        session.config.get_terminal_writer().line(f"\nprocesses left running by the tests (now killed):\n{listing}",
+                                                   red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")

@@ -85,6 +85,7 @@ def test_env_from_torchrun_and_slurm():
     assert sl.master_port == 20000 + 4242  # every task derives the same port from the job id
 
 
+@pytest.mark.slow
 def test_fp8_without_transformer_engine_is_one_line(synthetic_prefix, tmp_path):
     proc = bolt("train", str(TINY_CONFIG), "model.fp8=hybrid", f"data.prefixes=[{synthetic_prefix}]",
                 f"output_dir={tmp_path}", check=False, timeout=300)

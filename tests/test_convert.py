@@ -6,13 +6,13 @@ TinyLlama-1.1B shape dry check on meta tensors."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import scrubbed_env
 from safetensors.torch import load_file
 
 from megatron_bolt.convert import llama
@@ -190,7 +190,7 @@ def test_add_latent_tokens_extends_vocab_and_tokenizer(tmp_path, case):
     assert [hf_tok.token_to_id(t) for t in LATENT_TOKENS] == ids
 
 
-def test_bad_inputs_are_one_line_errors(tmp_path):
+def test_bad_inputs_are_one_line_errors(tmp_path, capsys):
     hf = make_hf_model(tmp_path / "m", **CASES["mha_tied_odd_vocab"])
     with pytest.raises(UserError, match="parallel.tp \\(3\\) must divide"):
         convert_hf_to_mcore(hf, tmp_path / "c1", tp=3, log=lambda *a: None)
@@ -202,12 +202,10 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     assert not (tmp_path / "c2").exists()
     with pytest.raises(UserError, match="no config.json"):
         convert_hf_to_mcore(tmp_path, tmp_path / "c3", log=lambda *a: None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "megatron_bolt", "convert", "mcore-to-hf", "--ckpt", str(tmp_path), "--out",
-         str(tmp_path / "x")],
-        capture_output=True, text=True, cwd=REPO, timeout=120,
-    )
-    assert proc.returncode == 2 and "not a megatron-bolt checkpoint" in proc.stderr.strip().splitlines()[-1]
+    from megatron_bolt.cli import main  # in-process: the same parser and error path as `bolt convert`
+
+    assert main(["convert", "mcore-to-hf", "--ckpt", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert "not a megatron-bolt checkpoint" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 _BASE = dict(model_type="llama", hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -307,6 +305,7 @@ def _hf_summed_logprobs(hf: Path, seqs: list[list[int]]) -> list[float]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case,tp", [("llama2", 1), ("llama3_1", 2), ("qwen2", 2), ("mistral_head_dim", 1)])
 def test_bolt_score_matches_transformers(tmp_path, case, tp):
     hf = make_hf_model(tmp_path / f"score_{case}", **CASES[case])
@@ -317,8 +316,7 @@ def test_bolt_score_matches_transformers(tmp_path, case, tp):
     vocab = json.loads((hf / "config.json").read_text())["vocab_size"]
     seqs = [torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (2, 7, 33, 64)]
     (tmp_path / "in.jsonl").write_text("".join(json.dumps({"tokens": s}) + "\n" for s in seqs))
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
-    env["OMP_NUM_THREADS"] = "1"
+    env = scrubbed_env()
     proc = subprocess.run(
         [sys.executable, "-m", "megatron_bolt", "score", "--ckpt", str(tmp_path / "ckpt"), "--input",
          str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl"), "--nproc-per-node", str(tp)],
@@ -381,14 +379,14 @@ runtime.shutdown()
 '''
 
 
+@pytest.mark.slow
 def test_converted_checkpoint_loads_at_pp2(tmp_path):
     """The step-0 checkpoint reshards on load: two pipeline stages each get exactly their layers."""
     hf = make_hf_model(tmp_path / "pp", **CASES["gqa_untied_odd_vocab"])
     convert_hf_to_mcore(hf, tmp_path / "ckpt", pp=2, log=lambda *a: None)
     script = tmp_path / "pp_check.py"
     script.write_text(_PP_CHECK)
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    env = scrubbed_env(PYTHONPATH=str(REPO))
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script),
          str(tmp_path / "ckpt"), str(hf)],

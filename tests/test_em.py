@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO, bolt
+from conftest import REPO, bolt, scrubbed_env
 
 MICRO_TRAIN = """
 model: {num_layers: 2, hidden_size: 32, num_attention_heads: 2, ffn_hidden_size: 64, seq_len: 128}
@@ -51,6 +51,7 @@ def uninterrupted(tmp_path_factory) -> Path:
     return tmp / "run"
 
 
+@pytest.mark.slow
 def test_full_loop_with_baselines_and_ablation(tmp_path):
     """The paper's protocol end to end: every training's inputs, start and length, and the merges'
     epochs, as each stage's resolved train config and merge summary record them."""
@@ -118,6 +119,7 @@ def check_paper_protocol_run(run: Path) -> None:
     assert not specials & set(np.concatenate([raw[i] for i in range(len(raw))]).tolist())
 
 
+@pytest.mark.slow
 def test_rerun_of_a_finished_loop_does_nothing(uninterrupted, tmp_path):
     before = {p: p.stat().st_mtime_ns for p in uninterrupted.rglob("*") if p.is_file() and "summary" not in p.name
               and p.suffix != ".png"}
@@ -128,13 +130,12 @@ def test_rerun_of_a_finished_loop_does_nothing(uninterrupted, tmp_path):
     assert before == after
 
 
+@pytest.mark.slow
 def test_resume_after_kills_equals_uninterrupted(uninterrupted, tmp_path):
     """SIGKILL the whole process group while given steps run, re-run each time: same results."""
     cfg = micro_config(tmp_path, raw_baselines="[]", ablation_samples="[]")
     run = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = scrubbed_env()
     # (step, seconds after its log appears): short in-process steps are killed at once, the
     # subprocess steps (training, export) well inside their run.
     kill_points = [("data/preprocess-rest", 0.0), ("warmstart/train", 3.0), ("iter1/estep", 0.3),
@@ -173,18 +174,21 @@ def test_resume_after_kills_equals_uninterrupted(uninterrupted, tmp_path):
         assert preds == (uninterrupted / stage / "eval" / "predictions.jsonl").read_text()
 
 
-def test_bad_em_config_is_one_line(tmp_path):
-    proc = bolt("em", *micro_config(tmp_path, **{"estep.sampels": 3}), check=False)
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [
+def test_bad_em_config_is_one_line(tmp_path, capsys):
+    from megatron_bolt.cli import main  # in-process: the same parser and checks as `bolt em`
+
+    assert main(["em", *micro_config(tmp_path, **{"estep.sampels": 3})]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         "bolt em: error: unknown config key 'estep.sampels' (valid: max_latent_tokens, prefix_chunks, samples, seed)"
     ]
-    proc = bolt("em", *micro_config(tmp_path, restart="sometimes"), check=False)
-    assert proc.returncode == 2 and "restart" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-    for key, value in (("warmstart.train_steps", 0), ("corpus.chunk_poisson_mean", -1), ("iteration_data", "old"),
-                       ("raw_baselines", "[tokens, tokens]"), ("raw_baselines", "[steps]"), ("merge.epochs", 0)):
-        proc = bolt("em", *micro_config(tmp_path, **{key: value}), check=False)
-        assert proc.returncode == 2 and key in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    for key, value in (("restart", "sometimes"), ("warmstart.train_steps", 0), ("corpus.chunk_poisson_mean", -1),
+                       ("iteration_data", "old"), ("raw_baselines", "[tokens, tokens]"), ("raw_baselines", "[steps]"),
+                       ("merge.epochs", 0), ("engine.engine", "sglang"), ("estep.seed", 1)):
+        assert main(["em", *micro_config(tmp_path, **{key: value})]) == 2
+        err = capsys.readouterr().err
+        assert key.replace("engine.engine", "engine.server") in err, err
+        assert len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()  # nothing started
 
 
 # ------------------------------------------------------------------------------ the plan (in-process)

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import requests
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import tiny_llama as tiny_model
+from transformers import LlamaForCausalLM
 
 from megatron_bolt.inference.base import derive_seed
 from megatron_bolt.inference.local import LocalEngine
@@ -19,19 +20,6 @@ from megatron_bolt.inference.sglang_standin import make_server
 VOCAB = 48
 STOP = [3, 17, 29]  # several stop ids so that samples end at different lengths
 EOS = 1  # the tiny model's eos_token_id: SGLang stops on it unless ignore_eos
-
-
-def tiny_model(path) -> str:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, eos_token_id=1, bos_token_id=0,
-    )
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():  # sharper than the random init so sampling is not uniform noise
-        model.lm_head.weight.mul_(8.0)
-    model.save_pretrained(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,8 @@ import time
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import tiny_llama
+from transformers import LlamaForCausalLM
 
 from megatron_bolt.cli import main as bolt_main
 from megatron_bolt.config import EStepConfig
@@ -41,16 +42,7 @@ PREFIX = 2
 
 
 def tiny_model(path) -> str:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, eos_token_id=1, bos_token_id=0,
-    )
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(4.0)
-    model.save_pretrained(path)
-    return str(path)
+    return tiny_llama(path, vocab_size=VOCAB, max_positions=512, sharpen=4.0)
 
 
 def make_docs(seed: int = 0, n_docs: int = 3) -> list[list[list[int]]]:
@@ -156,6 +148,7 @@ def test_shard_layout_does_not_change_results(setup):
     assert_same_store(whole, sharded)
 
 
+@pytest.mark.slow
 def test_kill9_resume_equals_uninterrupted(tmp_path):
     model_dir = tiny_model(tmp_path / "hf")
     docs = make_docs(seed=1, n_docs=8)

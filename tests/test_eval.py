@@ -13,8 +13,8 @@ import shutil
 
 import pytest
 import torch
-from conftest import bolt
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import bolt, tiny_llama
+from transformers import LlamaForCausalLM
 
 from megatron_bolt.cli import main as bolt_main
 from megatron_bolt.evaluation.evaluate import build_prompt, evaluate
@@ -50,16 +50,7 @@ def tiny_model_with_tokenizer(path) -> str:
     docs = path.parent / f"{path.name}-docs.jsonl"
     write_jsonl(docs, [{"text": t} for t in make_documents(50, 0)])
     tok = train_bpe_tokenizer([str(docs)], 320, str(path))
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=512, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id,
-    )
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)
-    model.save_pretrained(path)
-    return str(path)
+    return tiny_llama(path, vocab_size=tok.vocab_size, max_positions=512, bos_id=tok.bos_id, eos_id=tok.eos_id)
 
 
 def latent_document(tok, seed: int) -> list[int]:
@@ -312,6 +303,7 @@ def test_toy_grader():
 
 
 # ------------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
 def test_bolt_eval_end_to_end(trained_dir, tmp_path):
     data = tmp_path / "toy.jsonl"
     write_jsonl(data, make_eval_items(32, 5, SMALL_WORLD))
@@ -334,6 +326,7 @@ def test_bolt_eval_end_to_end(trained_dir, tmp_path):
     assert not list(out.glob("*.tmp*"))
 
 
+@pytest.mark.slow
 def test_evaluate_latent_generated_toy(trained_dir, tmp_path):
     res = evaluate(trained_dir, "toy", None, shots=3, limit=12, out_dir=str(tmp_path), max_new_tokens=48, batch_size=5)
     rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]

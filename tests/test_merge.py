@@ -11,10 +11,10 @@ import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_bolt.cli import main as bolt_main
+from megatron_bolt.data.indexed import document_paths
 from megatron_bolt.data.merge import (
     epochs_for,
     merge_latents,
-    output_paths,
     planned_train_tokens,
     read_summary,
 )
@@ -138,9 +138,9 @@ def test_merge_structure_order_share_and_determinism(tmp_path):
     # byte-identical for a fixed seed, whatever the window size; different for another seed
     merge_latents(chunks_path, latents_path, tmp_path / "again", epochs=epochs, seed=5, window_tokens=37, progress=False)
     merge_latents(chunks_path, latents_path, tmp_path / "other", epochs=epochs, seed=6, progress=False)
-    for a, b in zip(output_paths(tmp_path / "out" / "ltm"), output_paths(tmp_path / "again")):
+    for a, b in zip(document_paths(tmp_path / "out" / "ltm"), document_paths(tmp_path / "again")):
         assert Path(a).read_bytes() == Path(b).read_bytes()
-    assert Path(output_paths(tmp_path / "other")[0]).read_bytes() != Path(output_paths(tmp_path / "again")[0]).read_bytes()
+    assert Path(document_paths(tmp_path / "other")[0]).read_bytes() != Path(document_paths(tmp_path / "again")[0]).read_bytes()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "ltm_text_document.bin", "ltm_text_document.idx", "ltm_text_document.merge.json"]
     assert read_summary(tmp_path / "out" / "ltm") == summary
@@ -295,7 +295,7 @@ def test_epochs_derived_from_the_planned_training_tokens(tmp_path):
     assert read_summary(tmp_path / "auto").epochs == s.epochs
     # the same file as asking for that many epochs
     merge_latents(chunks_path, latents_path, tmp_path / "fixed", epochs=s.epochs, seed=2, progress=False)
-    assert Path(output_paths(tmp_path / "fixed")[0]).read_bytes() == Path(output_paths(tmp_path / "auto")[0]).read_bytes()
+    assert Path(document_paths(tmp_path / "fixed")[0]).read_bytes() == Path(document_paths(tmp_path / "auto")[0]).read_bytes()
     # a run shorter than one epoch still gets the whole corpus once
     assert merge_latents(chunks_path, latents_path, tmp_path / "short", epochs=None, min_tokens=5,
                          progress=False).epochs == 1

@@ -126,6 +126,7 @@ def test_cached_decoding_of_a_gpt_model_matches_its_forward(single_rank):
         seq.append(t)
 
 
+@pytest.mark.slow
 def test_gradients_flow_through_all_passes(single_rank):
     model, cfg = _model(1)
     model.train()
@@ -181,6 +182,7 @@ def ponder_pp2(ponder_baseline, synthetic_prefix):
     return _train(tmp, "pp2", synthetic_prefix, "parallel.pp=2", nproc=2)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("overrides", [("parallel.tp=2",), ()], ids=["tp2", "dp2"])
 def test_ponder_parallel_equivalence(ponder_baseline, synthetic_prefix, overrides):
     tmp, base_dir = ponder_baseline
@@ -188,12 +190,14 @@ def test_ponder_parallel_equivalence(ponder_baseline, synthetic_prefix, override
                                            *overrides, nproc=2))
 
 
+@pytest.mark.slow
 def test_ponder_pp2_equivalence(ponder_baseline, ponder_pp2):
     """Every Jacobi pass traverses both stages (models/ponder_pipeline.py); the drawn J, losses and
     gradient norms (which include stage 0's gradients from all passes) match PP = 1."""
     _assert_same_training(ponder_baseline[1], ponder_pp2)
 
 
+@pytest.mark.slow
 def test_ponder_pp2_checkpoint_scores_the_same_at_pp1(single_rank, ponder_baseline, ponder_pp2, tmp_path):
     """A checkpoint saved at PP = 2 reshards to PP = 1 for `bolt score` (score_file is its library
     function) and, trained equivalently, scores as the PP = 1 run's checkpoint does."""
@@ -212,6 +216,7 @@ def test_ponder_pp2_checkpoint_scores_the_same_at_pp1(single_rank, ponder_baseli
         assert abs(a["logprob"] - b["logprob"]) <= 1e-4 * abs(a["logprob"]), (a, b)
 
 
+@pytest.mark.slow
 def test_generate_and_score_ponder_checkpoint(ponder_baseline, tmp_path):
     _, base_dir = ponder_baseline
     ckpt_dir = base_dir / "checkpoints"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -13,32 +12,15 @@ import time
 
 import pytest
 import requests
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from conftest import free_port
+from conftest import tiny_llama as tiny_model
 
 from megatron_bolt.inference.local import LocalEngine
 from megatron_bolt.inference.sglang import SGLangEngine
 
+pytestmark = pytest.mark.slow  # a real sglang-router in front of two `bolt serve` processes
+
 STOP = [3, 17, 29]
-
-
-def tiny_model(path) -> str:
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=256, eos_token_id=1, bos_token_id=0,
-    )
-    model = LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)
-    model.save_pretrained(path)
-    return str(path)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 90.0) -> None:

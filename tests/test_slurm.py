@@ -15,7 +15,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY_CONFIG, bolt, free_port
+from conftest import REPO, TINY_CONFIG, bolt, free_port, scrubbed_env
+
+pytestmark = pytest.mark.slow  # a real SLURM controller on loopback
 
 CLUSTER = REPO / "slurm" / "testing" / "local_cluster.sh"
 EM = REPO / "slurm" / "em.sh"
@@ -37,12 +39,7 @@ SBATCH = {
 def cluster(tmp_path_factory):
     d = tmp_path_factory.mktemp("slurm") / "cluster"
     proc = subprocess.run([str(CLUSTER), "start", str(d), "16"], capture_output=True, text=True, timeout=900)
-    env = {
-        **os.environ, "SLURM_CONF": str(d / "slurm.conf"), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
-        "PATH": f"{REPO / '.venv' / 'bin'}:{os.environ.get('PATH', '')}",
-    }
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
+    env = scrubbed_env(SLURM_CONF=str(d / "slurm.conf"), PATH=f"{REPO / '.venv' / 'bin'}:{os.environ.get('PATH', '')}")
     try:
         if proc.returncode != 0:
             pytest.fail(f"could not start SLURM ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")

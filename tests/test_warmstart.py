@@ -21,7 +21,8 @@ from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from megatron_bolt.cli import main as bolt_main
 from megatron_bolt.errors import UserError
-from megatron_bolt.latents.teachers import DEFAULT_PROMPT, DEFAULT_SYSTEM_PROMPT, OpenAITeacher, _retry_after
+from megatron_bolt.http_retry import retry_after as _retry_after
+from megatron_bolt.latents.teachers import DEFAULT_PROMPT, DEFAULT_SYSTEM_PROMPT, OpenAITeacher
 from megatron_bolt.latents.warmstart import run_warmstart
 from megatron_bolt.stores.chunk_store import ChunkStore
 from megatron_bolt.stores.latent_store import LatentStore
@@ -250,6 +251,7 @@ def expected_latents(corpus, template: str, tok) -> list[str]:
             for texts in chunk_texts(corpus) for j, x in enumerate(texts)]
 
 
+@pytest.mark.slow
 def test_openai_teacher_over_http_with_faults(corpus, tmp_path):
     prompt_file = tmp_path / "prompt.txt"
     prompt_file.write_text(TEMPLATE)
@@ -283,6 +285,7 @@ def test_openai_teacher_over_http_with_faults(corpus, tmp_path):
     assert KEY not in proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
 def test_openai_teacher_sends_the_reference_request(corpus, tmp_path):
     """Without --model, --prompt-file or decoding flags the request is the reference's: the pinned
     gpt-4o-mini, a system message, the prompt with "N/A" for a first chunk's empty prefix, the
@@ -307,6 +310,7 @@ def test_openai_teacher_sends_the_reference_request(corpus, tmp_path):
     assert stored_latents(out, load_tokenizer(corpus["tokenizer"])) == expected_latents(corpus, DEFAULT_PROMPT, None)
 
 
+@pytest.mark.slow
 def test_resume_after_failure_redoes_no_block(corpus, tmp_path):
     tok = load_tokenizer(corpus["tokenizer"])
     num_chunks = ChunkStore.open(corpus["chunks"]).num_chunks
@@ -344,6 +348,7 @@ def test_resume_after_failure_redoes_no_block(corpus, tmp_path):
     assert "SUFFIX:\n" in server.log[0]["prompt"]
 
 
+@pytest.mark.slow
 def test_resume_after_kill(corpus, tmp_path):
     """SIGKILL part-way through a block: the re-run redoes only unfinished blocks, and the store
     ends up as an uninterrupted run's."""

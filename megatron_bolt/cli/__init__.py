@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from megatron_bolt.errors import UserError
 
@@ -63,17 +64,35 @@ def _wants_arguments(name: str, argv: list[str]) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """`bolt ARGV...`; `argv` defaults to this process's command line. Returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    parser = build_parser(argv)
-    args = parser.parse_args(argv)
-    if not getattr(args, "_module", None):
-        parser.print_help()
-        return 2
-    args._argv = argv  # the full command line, for commands that relaunch themselves under torchrun
-    try:
-        return int(importlib.import_module(args._module).run(args) or 0)
-    except UserError as exc:
-        print(f"bolt {args._argv_name}: error: {exc}", file=sys.stderr)
-        return 2
+    with warnings.catch_warnings():
+        quiet_missing_accelerator_libraries()
+        parser = build_parser(argv)
+        args = parser.parse_args(argv)
+        if not getattr(args, "_module", None):
+            parser.print_help()
+            return 2
+        args._argv = argv  # the full command line, for commands that relaunch themselves under torchrun
+        try:
+            return int(importlib.import_module(args._module).run(args) or 0)
+        except UserError as exc:
+            print(f"bolt {args._argv_name}: error: {exc}", file=sys.stderr)
+            return 2
+
+
+# Megatron-Core warns at import, once per module, that Transformer Engine and Apex are missing and
+# it falls back to its own implementations. Without them (CPU machines, plain pip installs) that is
+# the expected configuration, not news, and it opened every command with a wall of warnings.
+_MISSING_ACCELERATOR_LIBRARIES = (
+    r"Transformer Engine and Apex are not installed",
+    r"Apex is not installed",
+    r"Transformer Engine is not installed",
+)
+
+
+def quiet_missing_accelerator_libraries() -> None:
+    """For the command being run (main's catch_warnings scope): drop exactly those warnings."""
+    for message in _MISSING_ACCELERATOR_LIBRARIES:
+        warnings.filterwarnings("ignore", message=message, category=UserWarning)
 
 
 if __name__ == "__main__":

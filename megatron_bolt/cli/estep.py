@@ -77,7 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_bolt.latents.estep import open_engine, open_or_create_store, parse_shard, run_estep
+    from megatron_bolt.latents.blocks import parse_shard
+    from megatron_bolt.latents.estep import open_engine, open_or_create_store, run_estep
     from megatron_bolt.stores.chunk_store import open_chunk_store
     from megatron_bolt.stores.latent_store import existing_block_size
 

@@ -10,10 +10,9 @@ With N > 1 (or under torchrun) the model runs tensor-parallel over N ranks.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
+from megatron_bolt.atomic import atomic_write_jsonl
 from megatron_bolt.errors import UserError
 
 
@@ -56,23 +55,18 @@ def generate_file(args: argparse.Namespace) -> int:
                        args.jacobi_iters)
         results.append({"prompt": prompt, "generated": new})
     if runtime.is_main():
-        out = Path(args.output)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in results))
-        tmp.replace(out)
+        atomic_write_jsonl(args.output, results)
     return len(results)
 
 
 def run(args: argparse.Namespace) -> int:
     from megatron_bolt.cli.ranks import relaunch_or_become_rank
-    from megatron_bolt.cli.train import quiet_warnings
 
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be >= 1")
     code = relaunch_or_become_rank(args, args.nproc_per_node)
     if code is not None:
         return code
-    quiet_warnings()
     from megatron_bolt import runtime
 
     n = generate_file(args)

@@ -21,12 +21,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from megatron_bolt.cli.ranks import relaunch_or_become_rank
-    from megatron_bolt.cli.train import quiet_warnings
 
     code = relaunch_or_become_rank(args, args.nproc_per_node)
     if code is not None:
         return code
-    quiet_warnings()
     from megatron_bolt import runtime
     from megatron_bolt.training.score import score_file
 

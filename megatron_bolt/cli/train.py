@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import signal
-import warnings
 
 from megatron_bolt.cli.ranks import relaunch_or_become_rank
 from megatron_bolt.config import load_config, validate
@@ -38,23 +37,14 @@ def run(args: argparse.Namespace) -> int:
         validate(cfg, nproc)  # fail here, in one line, rather than in N ranks' tracebacks
         from megatron_bolt.training.data import parse_blend  # imports megatron: only once the config is valid
 
-        parse_blend(cfg.data.prefixes)
+        if not cfg.data.uses_mock:
+            parse_blend(cfg.data.prefixes)
         # The save-and-exit signals go to the training ranks themselves (see runtime.relaunch).
         code = relaunch_or_become_rank(args, nproc, forward=[signal.SIGTERM, signal.Signals[cfg.train.exit_signal]])
         if code is not None:
             return code
-    quiet_warnings()
     from megatron_bolt.training.loop import train
 
     train(cfg)
     runtime.shutdown()
     return 0
-
-
-def quiet_warnings() -> None:
-    """Megatron-Core warns about missing apex/TE on every import; on CPU that is expected."""
-    for pattern in ("Apex is not installed", "Transformer Engine", "apex", "TE "):
-        warnings.filterwarnings("ignore", message=f".*{pattern}.*")
-    warnings.filterwarnings("ignore", category=UserWarning, module="megatron")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)

@@ -73,7 +73,7 @@ def teacher_config(args: argparse.Namespace) -> OpenAITeacherConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_bolt.latents.estep import parse_shard
+    from megatron_bolt.latents.blocks import parse_shard
     from megatron_bolt.latents.teachers import make_teacher
     from megatron_bolt.latents.warmstart import run_warmstart
     from megatron_bolt.stores.latent_store import existing_block_size

@@ -12,13 +12,12 @@ so the conversion holds about one copy of the model plus what dist_checkpointing
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from megatron_bolt.atomic import commit, temp_path
 from megatron_bolt.config import ModelConfig, ParallelConfig, RunConfig, TrainConfig, validate
 from megatron_bolt.convert import llama
 from megatron_bolt.errors import UserError
@@ -145,7 +144,8 @@ def convert_hf_to_mcore(
     new_ids: list[int] = []
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_path(out)
+    tmp.mkdir()
     try:
         (tmp / TOKENIZER_DIR).mkdir()
         if add_latent_tokens:
@@ -186,9 +186,7 @@ def convert_hf_to_mcore(
             reader.close()
             save_checkpoint(tmp, 0, [model], cfg=run)
             del model, params
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
+        commit(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(

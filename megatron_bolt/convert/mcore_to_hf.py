@@ -14,13 +14,12 @@ tied model has no `lm_head.weight`, as `save_pretrained` writes it.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from megatron_bolt.atomic import commit, temp_path
 from megatron_bolt.convert import llama
 from megatron_bolt.convert.hf_to_mcore import HF_CONFIG, TOKENIZER_DIR, TOKENIZER_FILES
 from megatron_bolt.errors import UserError
@@ -100,7 +99,8 @@ def convert_mcore_to_hf(
     base = json.loads((ckpt_dir / HF_CONFIG).read_text()) if (ckpt_dir / HF_CONFIG).is_file() else None
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp = temp_path(out)
+    tmp.mkdir()
     try:
         with single_rank():
             model = build_tp1(cfg, run.parallel.tp, bf16=bf16)
@@ -152,9 +152,7 @@ def convert_mcore_to_hf(
                 if (tok_src / fname).is_file():
                     shutil.copy2(tok_src / fname, tmp / fname)
                     copied.append(fname)
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
+        commit(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(

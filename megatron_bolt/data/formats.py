@@ -21,37 +21,22 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
+
+from megatron_bolt.tokenizer import LatentTokenIds
 
 # Chunk forms as stored in merge's per-chunk form arrays.
 RAW, PRIOR, POSTERIOR = 0, 1, 2
 FORM_NAMES = {RAW: "raw", PRIOR: "prior", POSTERIOR: "posterior"}
 
 
-class LatentIds(Protocol):
-    """The four latent special tokens (`megatron_bolt.tokenizer.LatentTokenIds` satisfies this)."""
-
-    @property
-    def sol(self) -> int: ...
-
-    @property
-    def eol(self) -> int: ...
-
-    @property
-    def prior(self) -> int: ...
-
-    @property
-    def posterior(self) -> int: ...
-
-
-def prior_form(z: Sequence[int], x: Sequence[int], ids: LatentIds) -> list[int]:
+def prior_form(z: Sequence[int], x: Sequence[int], ids: LatentTokenIds) -> list[int]:
     """`SoL PRIOR Z EoL X`: the model first thinks Z, then writes X."""
     return [ids.sol, ids.prior, *z, ids.eol, *x]
 
 
-def posterior_form(z: Sequence[int], x: Sequence[int], ids: LatentIds) -> list[int]:
+def posterior_form(z: Sequence[int], x: Sequence[int], ids: LatentTokenIds) -> list[int]:
     """`SoL EoL X SoL POST Z EoL`: the model reads X, then infers the latent Z behind it."""
     return [ids.sol, ids.eol, *x, ids.sol, ids.posterior, *z, ids.eol]
 
@@ -61,20 +46,20 @@ def raw_form(x: Sequence[int]) -> list[int]:
     return list(x)
 
 
-def posterior_sampling_prompt(prefix: Sequence[int], x: Sequence[int], ids: LatentIds) -> list[int]:
+def posterior_sampling_prompt(prefix: Sequence[int], x: Sequence[int], ids: LatentTokenIds) -> list[int]:
     """The E-step's q prompt `C SoL EoL X SoL POST`; the sampled continuation is Z, stopped at EoL."""
     return [*prefix, ids.sol, ids.eol, *x, ids.sol, ids.posterior]
 
 
 def prior_scoring_sequence(
-    prefix: Sequence[int], z: Sequence[int], x: Sequence[int], ids: LatentIds
+    prefix: Sequence[int], z: Sequence[int], x: Sequence[int], ids: LatentTokenIds
 ) -> tuple[list[int], int]:
     """`C SoL PRIOR Z EoL X` and the index where scoring starts: log p(Z, X | C) sums only the
     log-probs of tokens at positions >= score_start (= len(prefix)), i.e. everything after C."""
     return [*prefix, *prior_form(z, x, ids)], len(prefix)
 
 
-def chunk_form(form: int, z: Sequence[int] | None, x: Sequence[int], ids: LatentIds) -> list[int]:
+def chunk_form(form: int, z: Sequence[int] | None, x: Sequence[int], ids: LatentTokenIds) -> list[int]:
     """One chunk in the given form (RAW, PRIOR or POSTERIOR)."""
     if form == RAW:
         return raw_form(x)
@@ -107,7 +92,7 @@ def assemble_documents(
     z_lengths: np.ndarray,
     forms: np.ndarray,
     doc_chunk_counts: np.ndarray,
-    ids: LatentIds,
+    ids: LatentTokenIds,
     bos: int,
     eos: int,
     dtype: np.dtype | type = np.int32,
@@ -208,7 +193,7 @@ class Latent:
 Piece = str | Latent | int
 
 
-def latent_eval_pieces(query_head: str, exemplars: Sequence[tuple[str, str, str]], ids: LatentIds,
+def latent_eval_pieces(query_head: str, exemplars: Sequence[tuple[str, str, str]], ids: LatentTokenIds,
                        separator: str) -> list[Piece]:
     """`{head} SoL PRIOR {latent} EoL {tail}` per exemplar (head, latent, tail), joined by
     `separator`, then `{query_head} SoL PRIOR`: the model continues with its own latent."""

@@ -31,10 +31,10 @@ from typing import Any
 
 import numpy as np
 
+from megatron_bolt.atomic import atomic_paths
 from megatron_bolt.data.formats import POSTERIOR, PRIOR, RAW, assemble_documents
+from megatron_bolt.data.indexed import document_paths, token_dtype
 from megatron_bolt.errors import UserError
-
-_SPECIALS = ("bos", "eos", "sol", "eol", "prior", "posterior")
 
 
 @dataclass
@@ -73,19 +73,14 @@ class MergeSummary:
         )
 
 
-def output_paths(output_prefix: str | Path) -> tuple[str, str]:
-    base = f"{output_prefix}_text_document"
-    return base + ".bin", base + ".idx"
-
-
 def _latent_ids(special_tokens: dict, where: str):
     from megatron_bolt.tokenizer import LatentTokenIds
 
-    missing = [k for k in _SPECIALS if k not in special_tokens]
+    missing = [k for k in ("bos", "eos") if k not in special_tokens]
     if missing:
         raise UserError(f"{where}: attribute special_tokens lacks {', '.join(missing)} (has {sorted(special_tokens)})")
-    s = {k: int(v) for k, v in special_tokens.items()}
-    return LatentTokenIds(sol=s["sol"], eol=s["eol"], prior=s["prior"], posterior=s["posterior"]), s["bos"], s["eos"]
+    ids = LatentTokenIds.from_special_tokens(special_tokens, where)
+    return ids, int(special_tokens["bos"]), int(special_tokens["eos"])
 
 
 class _Windows:
@@ -197,7 +192,7 @@ def merge_latents(
     win = _Windows(chunks_path, window_tokens)
     ids, bos, eos = _latent_ids(win.store.special_tokens, chunks_path)
     vocab = win.store.vocab_size
-    dtype = np.uint16 if vocab < 65500 else np.int32
+    dtype = token_dtype(vocab)
 
     num_chunks = win.store.num_chunks
     latents = None if latents_path is None else LatentStore.open(latents_path, mode="r")
@@ -226,14 +221,11 @@ def merge_latents(
         expected_raw = raw_mix * epochs_written * raw_pass_tokens  # the raw copies appended after
         return epochs_written >= 1 and summary.tokens + expected_raw >= min_tokens
 
-    bin_path, idx_path = output_paths(output_prefix)
-    Path(bin_path).parent.mkdir(parents=True, exist_ok=True)
-    tmp_bin, tmp_idx = f"{bin_path}.tmp-{os.getpid()}", f"{idx_path}.tmp-{os.getpid()}"
     from tqdm import tqdm
 
     bar = tqdm(total=num_chunks * (epochs or 1), unit="chunk", desc="merge", file=sys.stderr, disable=not progress)
-    try:
-        builder = IndexedDatasetBuilder(tmp_bin, dtype=dtype)
+    with bar, atomic_paths(*document_paths(output_prefix)) as (tmp_bin, tmp_idx):
+        builder = IndexedDatasetBuilder(str(tmp_bin), dtype=dtype)
         write = _PassWriter(win, latents, done, builder, summary, ids, bos, eos, dtype, vocab, chunks_path,
                             latents_path, posterior_prob, empty_latents, bar)
         while not covered(summary.epochs):  # epoch e: every document once, forms from default_rng([seed, e])
@@ -253,14 +245,7 @@ def merge_latents(
                 write.raw_pass(None)
             if n_raw % num_docs:
                 write.raw_pass(raw_subset)
-        builder.finalize(tmp_idx)
-        os.replace(tmp_bin, bin_path)
-        os.replace(tmp_idx, idx_path)
-    finally:
-        bar.close()
-        for p in (tmp_bin, tmp_idx):
-            if os.path.exists(p):
-                os.remove(p)
+        builder.finalize(str(tmp_idx))
     summary.seconds = time.perf_counter() - start_time
     _write_summary(summary)
     return summary

@@ -31,6 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_bolt.atomic import commit_together, temp_path
+from megatron_bolt.data.indexed import document_paths, token_dtype
 from megatron_bolt.errors import UserError
 
 REASONS = {
@@ -310,10 +312,6 @@ class _Progress:
             self.bar.close()
 
 
-def output_paths(prefix: str, key: str) -> tuple[str, str]:
-    return f"{prefix}_{key}_document.bin", f"{prefix}_{key}_document.idx"
-
-
 def _results(cfg: PreprocessConfig, files: list[str], init_args: tuple) -> Iterator[dict]:
     """Encoded batches in input order; at most a few batches per worker in flight (bounded memory)."""
     batches = iter_batches(files, cfg.json_keys, cfg.batch_docs)
@@ -370,13 +368,12 @@ def _preprocess(cfg: PreprocessConfig) -> PreprocessResult:
     files = expand_inputs(cfg.inputs)
     tokenizer = load_tokenizer(cfg.tokenizer_model, add_latent_tokens=cfg.add_latent_tokens, kind=kind)
 
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    dtype = DType.optimal_dtype(tokenizer.vocab_size)
+    dtype = token_dtype(tokenizer.vocab_size)
     Path(cfg.output_prefix).parent.mkdir(parents=True, exist_ok=True)
-    suffix = f".tmp-{os.getpid()}"
-    finals = {key: output_paths(cfg.output_prefix, key) for key in cfg.json_keys}
-    temps = {key: (b + suffix, i + suffix) for key, (b, i) in finals.items()}
+    finals = {key: document_paths(cfg.output_prefix, key) for key in cfg.json_keys}
+    temps = {key: (str(temp_path(b)), str(temp_path(i))) for key, (b, i) in finals.items()}
     builders = {key: IndexedDatasetBuilder(temps[key][0], dtype=dtype) for key in cfg.json_keys}
     chunk_writer = None
     result = PreprocessResult(dtype=np.dtype(dtype).name)
@@ -424,13 +421,9 @@ def _preprocess(cfg: PreprocessConfig) -> PreprocessResult:
             chunk_writer.close()
             result.outputs.append(cfg.chunk_store)
         result.seconds = time.time() - start
-        # Commit: drop an old index first, so a crash between the renames never pairs old and new.
-        for key, (bin_final, idx_final) in finals.items():
-            if os.path.exists(idx_final):
-                os.remove(idx_final)
-            os.replace(temps[key][0], bin_final)
-            os.replace(temps[key][1], idx_final)
-            result.outputs += [bin_final, idx_final]
+        commit_together([pair for key in finals for pair in zip(temps[key], finals[key])])
+        for key in finals:
+            result.outputs += list(finals[key])
     except BaseException:
         for key, builder in builders.items():
             try:

@@ -8,11 +8,13 @@ loss is far below log(vocab).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+from megatron_bolt.atomic import atomic_paths
+from megatron_bolt.data.indexed import token_dtype
 
 
 def write_synthetic_dataset(
@@ -29,19 +31,16 @@ def write_synthetic_dataset(
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     successors = rng.integers(1, vocab_size, size=(vocab_size, branching))
-    tmp = f"{prefix}.tmp{os.getpid()}"
-    dtype = np.uint16 if vocab_size < 65500 else np.int32
-    builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=dtype)
-    for _ in range(num_docs):
-        n = int(rng.integers(doc_len[0], doc_len[1] + 1))
-        doc = np.empty(n + 1, dtype=np.int64)
-        doc[0] = rng.integers(1, vocab_size)
-        choices = rng.integers(0, branching, size=n)
-        for i in range(1, n):
-            doc[i] = successors[doc[i - 1], choices[i]]
-        doc[n] = eod_id
-        builder.add_document(doc, [len(doc)])
-    builder.finalize(f"{tmp}.idx")
-    os.replace(f"{tmp}.bin", f"{prefix}.bin")
-    os.replace(f"{tmp}.idx", f"{prefix}.idx")
+    with atomic_paths(f"{prefix}.bin", f"{prefix}.idx") as (tmp_bin, tmp_idx):
+        builder = IndexedDatasetBuilder(str(tmp_bin), dtype=token_dtype(vocab_size))
+        for _ in range(num_docs):
+            n = int(rng.integers(doc_len[0], doc_len[1] + 1))
+            doc = np.empty(n + 1, dtype=np.int64)
+            doc[0] = rng.integers(1, vocab_size)
+            choices = rng.integers(0, branching, size=n)
+            for i in range(1, n):
+                doc[i] = successors[doc[i - 1], choices[i]]
+            doc[n] = eod_id
+            builder.add_document(doc, [len(doc)])
+        builder.finalize(str(tmp_idx))
     return prefix

@@ -17,10 +17,10 @@ oldest tokens (counted in the result as `truncated_prompts`).
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
+from megatron_bolt.atomic import atomic_write_text
 from megatron_bolt.data.formats import encode_eval_prompt, latent_eval_pieces, raw_eval_pieces
 from megatron_bolt.errors import UserError
 from megatron_bolt.evaluation.tasks import LAYOUTS, TASKS, Item, fixed_exemplars, grade, load_items, toy_items
@@ -103,10 +103,7 @@ def _select_items(task, data, shots, limit, exemplars, seed) -> tuple[list[Item]
     return shot_items, scored, info
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+_write_atomic = atomic_write_text
 
 
 ENGINES = ("local", "vllm")

@@ -99,7 +99,7 @@ class SGLangEngine(Engine):
 
     def _get_json(self, url: str) -> Any:
         try:
-            r = self._session().get(url, timeout=min(self.timeout_s, 30.0))
+            r = self.http.session().get(url, timeout=min(self.timeout_s, 30.0))
             return r.json() if r.status_code == 200 else None
         except (requests.RequestException, ValueError):
             return None

@@ -47,6 +47,7 @@ from megatron_bolt.config import EngineConfig, EStepConfig, check_section
 from megatron_bolt.data.formats import posterior_sampling_prompt, prior_scoring_sequence
 from megatron_bolt.errors import UserError
 from megatron_bolt.inference.base import Engine, derive_seed
+from megatron_bolt.latents.blocks import ShardBlocks
 from megatron_bolt.tokenizer import LatentTokenIds
 
 _RESAMPLE_TAG = 0x5E5A  # separates the resampling stream from the sampling seeds
@@ -144,14 +145,6 @@ class EStepTotals:
         )
 
 
-def latent_ids(special_tokens: dict[str, int]) -> LatentTokenIds:
-    try:
-        return LatentTokenIds(sol=int(special_tokens["sol"]), eol=int(special_tokens["eol"]),
-                              prior=int(special_tokens["prior"]), posterior=int(special_tokens["posterior"]))
-    except KeyError as exc:
-        raise UserError(f"chunk store special_tokens lacks {exc.args[0]!r} (has {sorted(special_tokens)})") from None
-
-
 def resample(log_w: np.ndarray, rng: np.random.Generator) -> int:
     """Index drawn from softmax(log_w) (self-normalised importance resampling, not argmax)."""
     if len(log_w) == 1:
@@ -184,7 +177,7 @@ class _BlockInputs:
 
 def _block_inputs(engine: Engine, chunks, chunk_indices: list[int], settings: EStepConfig) -> _BlockInputs:
     sp = chunks.special_tokens
-    ids = latent_ids(sp)
+    ids = LatentTokenIds.from_special_tokens(sp, str(chunks.path))
     bos = [int(sp["bos"])] if sp.get("bos") is not None and int(sp["bos"]) >= 0 else []
     inp = _BlockInputs(ids, bos, [], [], [], engine.context_length, Truncation())
     for i in chunk_indices:
@@ -295,22 +288,6 @@ def open_engine(model_dir: str, cfg: EngineConfig) -> Engine:
     return LocalEngine(model_dir, device=cfg.device, max_batch_rows=cfg.batch_rows, context_length=cfg.context_length)
 
 
-def parse_shard(text: str) -> tuple[int, int]:
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise UserError(f"--shard {text!r}: expected i/N, e.g. 0/4") from None
-    if n < 1 or not 0 <= i < n:
-        raise UserError(f"--shard {text!r}: need 0 <= i < N")
-    return i, n
-
-
-def shard_blocks(num_blocks: int, shard: tuple[int, int]) -> list[int]:
-    """Blocks of shard i/N: b with b % N == i (interleaved, so shards finish at similar times)."""
-    i, n = shard
-    return [b for b in range(num_blocks) if b % n == i]
-
-
 def open_or_create_store(path: str, num_chunks: int, settings: EStepConfig, block_size: int, meta: dict):
     """Create the store, or open the existing one after checking it was made with the same settings."""
     from megatron_bolt.stores.latent_store import LatentStore
@@ -348,41 +325,27 @@ def run_estep(
     """Fill every unfinished block of this shard; finished blocks are skipped (resume)."""
     if store.num_chunks != chunks.num_chunks:
         raise UserError(f"{store.path}: store has {store.num_chunks} chunks, chunk store has {chunks.num_chunks}")
-    mine = shard_blocks(store.num_blocks, shard)
-    done = store.blocks_done()
-    todo = [b for b in mine if b not in done]
-    totals = EStepTotals(skipped_blocks=len(mine) - len(todo))
-    if max_blocks is not None:
-        todo = todo[:max_blocks]
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=sum(len(store.block_range(b)) for b in todo), unit="chunk", file=sys.stderr,
-                   desc=f"estep shard {shard[0]}/{shard[1]}", dynamic_ncols=True)
-    start = time.perf_counter()
-    for b in todo:
-        res = sample_and_weight(engine, chunks, list(store.block_range(b)), settings, b)
-        store.write_block(b, res.latents, res.log_q, res.log_p, res.log_w, res.chosen,
-                          meta={**(block_meta or {}), "shard": f"{shard[0]}/{shard[1]}",
-                                "unfinished": int((~res.finished).sum()), "context": res.context,
-                                "truncated": asdict(res.truncated)})
-        totals.truncated.add(res.truncated)
-        totals.context = res.context
-        totals.blocks += 1
-        totals.chunks += len(res.chunks)
-        totals.latents += res.log_q.size
-        totals.latent_tokens += res.latent_tokens
-        totals.unfinished += int((~res.finished).sum())
-        totals.sample_seconds += res.sample_seconds
-        totals.score_seconds += res.score_seconds
-        totals.seconds = time.perf_counter() - start
-        if bar is not None:
-            bar.update(len(res.chunks))
-            bar.set_postfix(chunks_s=f"{totals.chunks / totals.seconds:.2f}",
-                            latent_tok_s=f"{totals.latent_tokens / totals.seconds:.0f}")
-    if bar is not None:
-        bar.close()
+    with ShardBlocks(store, shard, f"estep shard {shard[0]}/{shard[1]}", progress, max_blocks) as blocks:
+        totals = EStepTotals(skipped_blocks=blocks.skipped)
+        start = time.perf_counter()
+        for b, idx in blocks:
+            res = sample_and_weight(engine, chunks, idx, settings, b)
+            unfinished = int((~res.finished).sum())
+            blocks.write(b, res.latents, res.log_q, res.log_p, res.log_w, res.chosen,
+                         meta={**(block_meta or {}), "unfinished": unfinished, "context": res.context,
+                               "truncated": asdict(res.truncated)})
+            totals.truncated.add(res.truncated)
+            totals.context = res.context
+            totals.blocks += 1
+            totals.chunks += len(res.chunks)
+            totals.latents += res.log_q.size
+            totals.latent_tokens += res.latent_tokens
+            totals.unfinished += unfinished
+            totals.sample_seconds += res.sample_seconds
+            totals.score_seconds += res.score_seconds
+            totals.seconds = time.perf_counter() - start
+            blocks.advance(len(res.chunks), chunks_s=f"{totals.chunks / totals.seconds:.2f}",
+                           latent_tok_s=f"{totals.latent_tokens / totals.seconds:.0f}")
     totals.seconds = time.perf_counter() - start
     return totals
 

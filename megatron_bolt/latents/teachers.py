@@ -14,9 +14,7 @@ decoded text of each chunk and of its prefix (the previous chunks of the same do
 
 from __future__ import annotations
 
-import email.utils
 import os
-import random
 import re
 import threading
 import time
@@ -27,6 +25,7 @@ from pathlib import Path
 
 from megatron_bolt.config import OpenAITeacherConfig, check_section
 from megatron_bolt.errors import UserError
+from megatron_bolt.http_retry import RetriesExhausted, RetryingHTTP, Stopped, Transient
 
 # The warm-start request of the BoLT reference (ryoungj/BoLT configs/gen/gpt_latent_thoughts.yaml,
 # sent by apps/main/gen_utils/openai_batch.py `prepare_prompts`: a system message, then one user
@@ -151,27 +150,6 @@ class _Secret:
     __str__ = __repr__
 
 
-class _Retry(Exception):
-    def __init__(self, message: str, after: float | None = None) -> None:
-        super().__init__(message)
-        self.after = after
-
-
-def _retry_after(value: str | None) -> float | None:
-    """Seconds from a Retry-After header (delta-seconds or an HTTP date)."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
 def _server_message(response) -> str:
     """The server's error message: OpenAI's {"error": {"message": ...}} if present, else the body."""
     try:
@@ -223,14 +201,13 @@ class OpenAITeacher(Teacher):
         self._key = _Secret(api_key)
         self.temperature, self.max_tokens = temperature, max_tokens
         self.max_retries, self.timeout_s = max_retries, timeout_s
-        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
         self.template = prompt_template
         self.system_prompt = system_prompt or None
         self.limiter = _RateLimiter(requests_per_minute)
         self.executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="teacher")
-        self._local = threading.local()
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._http = RetryingHTTP(max_retries, backoff_s, max_backoff_s, stop=self._stop, retry_429=True)
         self.requests = self.retries = 0
 
     def __repr__(self) -> str:
@@ -243,14 +220,6 @@ class OpenAITeacher(Teacher):
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     # ---------------------------------------------------------------------------------- requests
-    def _session(self):
-        import requests
-
-        s = getattr(self._local, "session", None)
-        if s is None:
-            s = self._local.session = requests.Session()
-        return s
-
     def _scrub(self, text: str) -> str:
         """A server or library message with the key, should it echo it, masked."""
         return text.replace(self._key.value, "***")
@@ -273,15 +242,8 @@ class OpenAITeacher(Teacher):
             self.retries += int(retry)
 
     def _attempt(self, payload: dict) -> str:
-        import requests
-
         headers = {"Authorization": f"Bearer {self._key.value}", "Content-Type": "application/json"}
-        try:
-            r = self._session().post(self.url, json=payload, headers=headers, timeout=self.timeout_s)
-        except (requests.ConnectionError, requests.Timeout) as exc:
-            raise _Retry(f"{type(exc).__name__}: {exc}") from None
-        if r.status_code == 429 or r.status_code >= 500:
-            raise _Retry(f"HTTP {r.status_code}: {_server_message(r)}", _retry_after(r.headers.get("Retry-After")))
+        r = self._http.post_json(self.url, payload, self.timeout_s, headers=headers, describe=_server_message)
         if r.status_code != 200:
             raise TeacherError(self._scrub(f"openai teacher: POST {self.url}: HTTP {r.status_code}: {_server_message(r)}"))
         try:
@@ -290,38 +252,33 @@ class OpenAITeacher(Teacher):
             content = choice["message"].get("content")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             # A truncated or garbled body from an overloaded proxy is worth another try.
-            raise _Retry(f"HTTP 200 without choices[0].message: {r.text[:200]!r}") from None
+            raise Transient(f"HTTP 200 without choices[0].message: {r.text[:200]!r}") from None
         if choice.get("finish_reason") == "length":
             with self._lock:
                 self.truncated += 1
         return (content or "").strip()
 
     def complete(self, prefix: str, chunk: str) -> str:
-        """The teacher's latent for one chunk, retrying transient failures."""
+        """The teacher's latent for one chunk, retrying transient failures (http_retry)."""
         payload = self.payload(prefix, chunk)
-        delay = self.backoff_s
-        for attempt in range(self.max_retries + 1):
-            if self._stop.is_set():
-                raise _Stopped("openai teacher: stopped")
+
+        def attempt(i: int) -> str:
             self.limiter.wait()
-            self._count(retry=attempt > 0)
-            try:
-                return self._attempt(payload)
-            except TeacherError:
-                self._stop.set()  # a permanent failure: the other threads stop sending too
-                raise
-            except _Retry as exc:
-                if attempt == self.max_retries:
-                    self._stop.set()
-                    raise TeacherError(self._scrub(
-                        f"openai teacher: POST {self.url} failed after {attempt + 1} attempts; last error {exc}"
-                    )) from None
-                # Retry-After says when the server will take us back; otherwise jittered backoff.
-                pause = exc.after if exc.after is not None else delay * (0.5 + random.random())
-                delay = min(delay * 2, self.max_backoff_s)
-                if self._stop.wait(pause):
-                    raise _Stopped("openai teacher: stopped") from None
-        raise AssertionError("unreachable")
+            self._count(retry=i > 0)
+            return self._attempt(payload)
+
+        try:
+            return self._http.retry(attempt)
+        except TeacherError:
+            self._stop.set()  # a permanent failure: the other threads stop sending too
+            raise
+        except RetriesExhausted as exc:
+            self._stop.set()
+            raise TeacherError(self._scrub(
+                f"openai teacher: POST {self.url} failed after {exc.attempts} attempts; last error {exc.last}"
+            )) from None
+        except Stopped:
+            raise _Stopped("openai teacher: stopped") from None
 
     def latents(self, prefixes: list[str], chunks: list[str], progress: Progress | None = None) -> list[str]:
         if len(prefixes) != len(chunks):

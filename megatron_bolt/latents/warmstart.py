@@ -14,7 +14,6 @@ then marked done, a re-run skips finished blocks, and `shard=(i, N)` takes block
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 
@@ -22,7 +21,8 @@ import numpy as np
 
 from megatron_bolt.config import EStepConfig
 from megatron_bolt.errors import UserError
-from megatron_bolt.latents.estep import open_or_create_store, shard_blocks
+from megatron_bolt.latents.blocks import ShardBlocks
+from megatron_bolt.latents.estep import open_or_create_store
 from megatron_bolt.latents.teachers import Teacher, TeacherError
 from megatron_bolt.stores.chunk_store import open_chunk_store
 from megatron_bolt.tokenizer import BoltTokenizer, load_tokenizer
@@ -101,24 +101,15 @@ def run_warmstart(
     store = open_or_create_store(out_path, chunks.num_chunks, settings, block_size, meta)
     _check_same_teacher(store, teacher)
 
-    mine = shard_blocks(store.num_blocks, shard)
-    done = store.blocks_done()
-    todo = [b for b in mine if b not in done]
-    summary = WarmstartSummary(skipped_blocks=len(mine) - len(todo))
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=sum(len(store.block_range(b)) for b in todo), unit="chunk", file=sys.stderr,
-                   desc=f"warmstart {teacher.name} shard {shard[0]}/{shard[1]}", dynamic_ncols=True)
+    blocks = ShardBlocks(store, shard, f"warmstart {teacher.name} shard {shard[0]}/{shard[1]}", progress)
+    summary = WarmstartSummary(skipped_blocks=blocks.skipped)
     requests0, retries0, truncated0 = teacher.requests, teacher.retries, teacher.truncated
     start = time.perf_counter()
     try:
-        for b in todo:
-            idx = list(store.block_range(b))
+        for b, idx in blocks:
             prefixes = [tok.decode(chunks.prefix_tokens(i, prefix_chunks)) for i in idx]
             texts = [tok.decode(chunks.chunk_tokens(i)) for i in idx]
-            latent_texts = teacher.latents(prefixes, texts, progress=bar.update if bar is not None else None)
+            latent_texts = teacher.latents(prefixes, texts, progress=blocks.advance)
             latents = []
             for ids in tok.encode_batch(latent_texts):
                 keep = ~np.isin(ids, specials)
@@ -127,20 +118,17 @@ def run_warmstart(
             n = len(idx)
             zeros = np.zeros((n, 1))
             empty = sum(len(z[0]) == 0 for z in latents)
-            store.write_block(b, latents, zeros, zeros, zeros, np.zeros(n, dtype=np.int32),
-                              meta={"engine": f"teacher:{teacher.name}", "shard": f"{shard[0]}/{shard[1]}",
-                                    "empty_latents": int(empty)})
+            blocks.write(b, latents, zeros, zeros, zeros, np.zeros(n, dtype=np.int32),
+                         meta={"engine": f"teacher:{teacher.name}", "empty_latents": int(empty)})
             summary.blocks += 1
             summary.chunks += n
             summary.latent_tokens += sum(len(z[0]) for z in latents)
             summary.empty_latents += empty
-            if bar is not None:
-                bar.set_postfix(blocks=summary.blocks, retries=teacher.retries - retries0)
+            blocks.postfix(blocks=summary.blocks, retries=teacher.retries - retries0)
     except TeacherError as exc:
         raise TeacherError(f"{exc} ({summary.blocks} blocks written this run; re-run the same command to resume)") from None
     finally:
-        if bar is not None:
-            bar.close()
+        blocks.close()
         summary.seconds = time.perf_counter() - start
         summary.requests = teacher.requests - requests0
         summary.retries = teacher.retries - retries0

@@ -32,12 +32,13 @@ step is one the corpus teaches (each value's successor occurs in other problems'
 from __future__ import annotations
 
 import functools
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from megatron_bolt.atomic import atomic_write_jsonl
 
 STEP = 17
 MODULUS = 100
@@ -154,12 +155,7 @@ def make_eval_items(n: int, seed: int, world: ToyWorld = ToyWorld()) -> list[dic
 def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
     """Atomic JSONL writer (temporary name, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    tmp.replace(path)
+    atomic_write_jsonl(path, rows)
     return path
 
 

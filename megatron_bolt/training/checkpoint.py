@@ -31,6 +31,7 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyPara
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.transformer.module import Float16Module
 
+from megatron_bolt.atomic import atomic_write_text
 from megatron_bolt.config import RunConfig, _build
 from megatron_bolt.errors import UserError
 
@@ -318,7 +319,4 @@ def _check_optimizer_format(ckpt_dir: Path, path: Path, metadata: dict, cfg: Run
         )
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+_atomic_write = atomic_write_text

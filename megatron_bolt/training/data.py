@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from megatron.core import parallel_state
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
 from megatron_bolt.config import RunConfig
 from megatron_bolt.errors import UserError
@@ -52,12 +52,16 @@ def parse_blend(prefixes: list, key: str = "data.prefixes") -> tuple[list[str], 
 def build_datasets(cfg: RunConfig, num_samples: tuple[int, int, int]):
     """(train, valid, test) GPTDatasets with at least the given numbers of samples (None where a
     split is empty). Validation data are a share of data.prefixes (data.split, Megatron's --split)
-    or, with data.valid_prefixes, a blend of their own (Megatron's --valid-data-path)."""
-    blend = parse_blend(cfg.data.prefixes)
-    if cfg.data.valid_prefixes:
-        splits = {"blend_per_split": [blend, parse_blend(cfg.data.valid_prefixes, "data.valid_prefixes"), None]}
+    or, with data.valid_prefixes, a blend of their own (Megatron's --valid-data-path). With
+    data.mock and no prefixes: Megatron's MockGPTDataset sequences, no files."""
+    mock = cfg.data.uses_mock
+    if mock:
+        splits = {"blend": None, "split": cfg.data.split}
+    elif cfg.data.valid_prefixes:
+        splits = {"blend_per_split": [parse_blend(cfg.data.prefixes),
+                                      parse_blend(cfg.data.valid_prefixes, "data.valid_prefixes"), None]}
     else:
-        splits = {"blend": blend, "split": cfg.data.split}
+        splits = {"blend": parse_blend(cfg.data.prefixes), "split": cfg.data.split}
     dataset_config = GPTDatasetConfig(
         random_seed=cfg.train.seed,
         sequence_length=cfg.model.seq_len,
@@ -71,7 +75,7 @@ def build_datasets(cfg: RunConfig, num_samples: tuple[int, int, int]):
         mmap_bin_files=True,
     )
     builder = BlendedMegatronDatasetBuilder(
-        GPTDataset, list(num_samples), lambda: True, dataset_config
+        MockGPTDataset if mock else GPTDataset, list(num_samples), lambda: True, dataset_config
     )
     return builder.build()
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from functools import partial
 from pathlib import Path
@@ -24,6 +23,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 
 from megatron_bolt import runtime
+from megatron_bolt.atomic import atomic_write_text
 from megatron_bolt.config import RunConfig, validate
 from megatron_bolt.errors import UserError
 from megatron_bolt.models import build_model_chunk
@@ -216,9 +216,7 @@ class MetricsWriter:
                     keep.append(line)
             except (ValueError, KeyError):
                 continue  # a line cut by a kill
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(x + "\n" for x in keep))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(x + "\n" for x in keep))
 
     def write(self, record: dict) -> None:
         if not self.enabled:

@@ -18,6 +18,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
 from megatron_bolt import runtime
+from megatron_bolt.atomic import atomic_write_jsonl
 from megatron_bolt.errors import UserError
 from megatron_bolt.training import checkpoint as ckpt
 
@@ -134,10 +135,5 @@ def score_file(ckpt_dir: str, input_path: str, output_path: str, batch_size: int
     summary = {"sequences": len(scores), "tokens": total_n, "mean_nll": -total_lp / max(total_n, 1)}
     summary["perplexity"] = math.exp(summary["mean_nll"])
     if runtime.is_main():
-        out = Path(output_path)
-        tmp = out.with_name(out.name + ".tmp")
-        with open(tmp, "w") as f:
-            for lp, n in scores:
-                f.write(json.dumps({"logprob": lp, "num_tokens": n}) + "\n")
-        tmp.replace(out)
+        atomic_write_jsonl(output_path, ({"logprob": lp, "num_tokens": n} for lp, n in scores))
     return summary

@@ -1,7 +1,8 @@
 """HTTP with retries: one `requests.Session` per thread and exponential backoff with jitter.
 
 Used by the SGLang client (inference/sglang.py) and the OpenAI-compatible teacher
-(latents/teachers.py); it imports nothing from the project, so engines may use it.
+(latents/teachers.py); it imports nothing from the project, so engines may use it. (Not named
+`http`: a module of that name would shadow the standard library's for scripts run from here.)
 
     http = RetryingHTTP(retries=6, backoff_s=1.0, max_backoff_s=60.0, stop=threading.Event())
     body = http.retry(lambda attempt: http.post_json(url, payload, timeout_s=30).json())
@@ -76,16 +77,18 @@ class RetryingHTTP:
             s = self._local.session = requests.Session()
         return s
 
-    def post_json(self, url: str, payload: dict, timeout_s: float, headers: dict | None = None) -> requests.Response:
-        """POST `payload` as JSON; connection errors, timeouts, 5xx (and 429 if asked) raise `Transient`.
-        Other statuses come back for the caller to judge."""
+    def post_json(self, url: str, payload: dict, timeout_s: float, headers: dict | None = None,
+                  describe: Callable[[requests.Response], str] | None = None) -> requests.Response:
+        """POST `payload` as JSON; connection errors, timeouts, 5xx (and 429 if asked) raise `Transient`
+        (the message from `describe(response)`, default the start of the body). Other statuses come
+        back for the caller to judge."""
         try:
             r = self.session().post(url, json=payload, headers=headers, timeout=timeout_s)
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise Transient(f"{type(exc).__name__}: {exc}") from None
         if r.status_code >= 500 or (self.retry_429 and r.status_code == 429):
-            raise Transient(f"HTTP {r.status_code}: {' '.join((r.text or r.reason or '').split())[:200]}",
-                            retry_after(r.headers.get("Retry-After")))
+            message = describe(r) if describe is not None else " ".join((r.text or r.reason or "").split())[:200]
+            raise Transient(f"HTTP {r.status_code}: {message}", retry_after(r.headers.get("Retry-After")))
         return r
 
     def retry(self, attempt: Callable[[int], T]) -> T:
