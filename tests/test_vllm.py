@@ -26,10 +26,10 @@ from megatron_bolt.data.formats import posterior_sampling_prompt
 from megatron_bolt.errors import UserError
 from megatron_bolt.inference.local import LocalEngine
 from megatron_bolt.inference.vllm import VLLMEngine
-from megatron_bolt.latents.estep import latent_ids, open_engine, weigh_latents
+from megatron_bolt.latents.estep import open_engine, weigh_latents
 from megatron_bolt.stores.chunk_store import ChunkStore, write_chunk_store
 from megatron_bolt.stores.latent_store import LatentStore
-from megatron_bolt.tokenizer import train_bpe_tokenizer
+from megatron_bolt.tokenizer import LatentTokenIds, train_bpe_tokenizer
 from megatron_bolt.toy.world import make_documents, write_jsonl
 
 pytestmark = pytest.mark.slow
@@ -103,7 +103,7 @@ def test_local_and_vllm_weigh_the_same_latents_alike(world, vllm_store, engine):
     for a, b in ((lq, vq), (lp, vp), (vq, np.array([r["log_q"] for r in recs])), (vp, np.array([r["log_p"] for r in recs]))):
         np.testing.assert_allclose(a, b, atol=1e-3, rtol=0)
     # greedy decoding (bolt eval): same tokens and the same stopping rule, stop ids and stop_check
-    ids = latent_ids(SPECIAL)
+    ids = LatentTokenIds.from_special_tokens(SPECIAL, "test")
     first = [[SPECIAL["bos"], *posterior_sampling_prompt([int(t) for t in chunks.prefix_tokens(i, PREFIX)],
                                                           [int(t) for t in chunks.chunk_tokens(i)], ids)] for i in idx[:8]]
     check = lambda toks: toks[-2:] == toks[-4:-2] if len(toks) >= 4 else False  # noqa: E731
