@@ -29,8 +29,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "warmstart": ("megatron_bolt.cli.warmstart", "warm start: one latent per chunk from a teacher (toy or OpenAI-compatible) into a latent store"),
     "iwae": ("megatron_bolt.cli.iwae", "IWAE bound logsumexp(log w_1..n) - log n on validation chunks"),
     "serve": ("megatron_bolt.cli.serve", "serve an HF export over SGLang's native /generate API (CPU fleet / tests)"),
-    "convert hf-to-mcore": ("megatron_bolt.cli.convert", "HF LlamaForCausalLM directory -> Megatron-Core distributed checkpoint"),
-    "convert mcore-to-hf": ("megatron_bolt.cli.convert", "Megatron-Core checkpoint -> HF LlamaForCausalLM directory (safetensors)"),
+    "convert hf-to-mcore": ("megatron_bolt.cli.convert", "HF Llama 2/3/3.1+, Qwen2/2.5 or Mistral directory -> Megatron-Core distributed checkpoint"),
+    "convert mcore-to-hf": ("megatron_bolt.cli.convert", "Megatron-Core checkpoint -> HF directory (safetensors; ponder models with their own modeling code)"),
 }
 
 
