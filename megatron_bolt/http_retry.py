@@ -1,6 +1,6 @@
 """HTTP with retries: one `requests.Session` per thread and exponential backoff with jitter.
 
-Used by the SGLang client (inference/sglang.py) and the OpenAI-compatible teacher
+Used by the engines' server pool (inference/http.py: SGLang and vLLM clients) and the OpenAI-compatible teacher
 (latents/teachers.py); it imports nothing from the project, so engines may use it. (Not named
 `http`: a module of that name would shadow the standard library's for scripts run from here.)
 

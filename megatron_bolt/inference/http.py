@@ -2,14 +2,13 @@
 
 One URL (a router or a single server) or a list of server URLs, used round robin. Bounded
 concurrency, per-request timeouts, retries with exponential backoff on connection errors,
-timeouts, 5xx and garbled bodies; a server that fails `failure_threshold` times in a row leaves
+timeouts, 5xx and garbled bodies (megatron_bolt.http_retry); a server that fails `failure_threshold` times in a row leaves
 the rotation for `cooldown_s` while the others carry on. A 4xx is the request's fault: no retry.
 """
 
 from __future__ import annotations
 
 import logging
-import random
 import threading
 import time
 from collections.abc import Callable
@@ -18,15 +17,13 @@ from typing import Any
 
 import requests
 
+from megatron_bolt.http_retry import RetriesExhausted, RetryingHTTP, Transient
+
 log = logging.getLogger(__name__)
 
 
 class EngineError(RuntimeError):
     """A request could not be completed (bad request, or every retry failed)."""
-
-
-class _Retryable(Exception):
-    pass
 
 
 class ServerPool:
@@ -88,44 +85,37 @@ class HTTPPool:
     ) -> None:
         self.pool = ServerPool([urls] if isinstance(urls, str) else list(urls), failure_threshold, cooldown_s)
         self.timeout_s, self.retries = timeout_s, retries
-        self.backoff_s, self.max_backoff_s = backoff_s, max_backoff_s
+        self.http = RetryingHTTP(retries, backoff_s, max_backoff_s)  # sessions, retries and backoff
         self.executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=name)
-        self._local = threading.local()
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
     def session(self) -> requests.Session:
         """This thread's session (connections are reused per thread)."""
-        s = getattr(self._local, "session", None)
-        if s is None:
-            s = self._local.session = requests.Session()
-        return s
+        return self.http.session()
 
     def post(self, path: str, payload: dict) -> Any:
         """POST `payload` to `path` on the next healthy server; the decoded JSON body."""
-        delay = self.backoff_s
-        last = "no attempt"
-        for attempt in range(self.retries + 1):
+
+        def attempt(_: int) -> Any:
             url = self.pool.pick()
             try:
-                r = self.session().post(f"{url}{path}", json=payload, timeout=self.timeout_s)
-                if r.status_code >= 500:
-                    raise _Retryable(f"HTTP {r.status_code}: {r.text[:200]}")
+                r = self.http.post_json(f"{url}{path}", payload, self.timeout_s)
                 if r.status_code != 200:
                     raise EngineError(f"{url}{path}: HTTP {r.status_code}: {r.text[:500]}")
                 body = r.json()
-                self.pool.ok(url)
-                return body
-            except (requests.ConnectionError, requests.Timeout, _Retryable, ValueError) as exc:
+            except (Transient, ValueError) as exc:
                 # ValueError: a truncated/garbled body from a dying server is worth a retry too.
                 self.pool.failed(url)
-                last = f"{url}: {type(exc).__name__}: {exc}"
-                if attempt == self.retries:
-                    break
-                time.sleep(delay * (0.5 + random.random()))
-                delay = min(delay * 2, self.max_backoff_s)
-        raise EngineError(f"{path} failed after {self.retries + 1} attempts; last error {last}")
+                raise Transient(f"{url}: {type(exc).__name__}: {exc}") from None
+            self.pool.ok(url)
+            return body
+
+        try:
+            return self.http.retry(attempt)
+        except RetriesExhausted as exc:
+            raise EngineError(f"{path} failed after {exc.attempts} attempts; last error {exc.last}") from None
 
     def map(self, fn: Callable[[Any], Any], jobs: list) -> list:
         return list(self.executor.map(fn, jobs))
