@@ -109,11 +109,15 @@ def relaunch(argv: list[str], nproc: int = 1, log: IO[str] | None = None, env: d
     ranks themselves, not to torchrun (which would tear its workers down on SIGTERM and die of
     SIGUSR1), so a save-and-exit signal reaches the training loop."""
     child_env = dict(os.environ if env is None else env)
+    # torchrun sets the launcher variables per rank; a single child is no rank of anything: without
+    # them (and without SLURM's task numbers, when this runs inside an allocation) it is one process
+    # that picks its own free port when it starts its process group, not seconds earlier here, where
+    # another process could take the port in between.
+    drop = ["RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"]
     if nproc <= 1:
-        child_env.update(single_rank_env())
-    else:  # torchrun sets these per rank; inherited values would override nothing but confuse
-        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-            child_env.pop(key, None)
+        drop += ["SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"]
+    for key in drop:
+        child_env.pop(key, None)
     out = {"stdout": log, "stderr": subprocess.STDOUT} if log is not None else {}
     proc = subprocess.Popen(launch_command(argv, nproc), env=child_env, **out)
 
