@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import os
 import signal
 import socket
@@ -97,15 +98,32 @@ def pytest_sessionstart(session: pytest.Session) -> None:
     os.environ[SESSION_VAR] = f"{os.getpid()}-{time.time_ns()}"
 
 
+def _own_tracker_excluded(procs: list[tuple[int, str]]) -> list[tuple[int, str]]:
+    """Drop this process's multiprocessing resource tracker: it lives exactly as long as we do."""
+    def ours(pid: int, cmd: str) -> bool:
+        try:
+            ppid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            return False
+        return ppid == os.getpid() and "multiprocessing.resource_tracker" in cmd
+    return [(pid, cmd) for pid, cmd in procs if not ours(pid, cmd)]
+
+
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     tag = os.environ.get(SESSION_VAR)
     if not tag or not Path("/proc").is_dir():
         return
+    # This process's own multiprocessing helpers (Megatron's async checkpoint writer caches a
+    # Manager() here when a test trains in-process) end with it; stop them as its exit would,
+    # and leave its resource tracker, which exits when this process closes its pipe.
+    for child in multiprocessing.active_children():
+        child.terminate()
+        child.join(5)
     deadline = time.monotonic() + 10  # children that are shutting down get a moment
-    left = _session_processes(tag)
+    left = _own_tracker_excluded(_session_processes(tag))
     while left and time.monotonic() < deadline:
         time.sleep(0.2)
-        left = _session_processes(tag)
+        left = _own_tracker_excluded(_session_processes(tag))
     if left:
         for pid, _ in left:
             with contextlib.suppress(OSError):
