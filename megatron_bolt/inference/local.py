@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from megatron_bolt.inference.base import Engine, Sample, per_prompt_seeds, sample_seed, step_uniforms
+from megatron_bolt.inference.lean_llama import LeanLlama
 
 
 def _preallocated_layer_class():
@@ -115,9 +116,11 @@ class LocalEngine(Engine):
         max_batch_rows: int = 64,
         max_logit_elements: int = 1 << 27,
         context_length: int | None = None,
+        lean: bool = True,
     ) -> None:
         """context_length: truncate E-step sequences to this many tokens (default, and at most, the
-        model's max_position_embeddings)."""
+        model's max_position_embeddings). lean: run a LlamaForCausalLM through `LeanLlama` (False:
+        always through transformers' forward; the two agree to float rounding)."""
         from transformers import AutoModelForCausalLM
 
         from megatron_bolt.models.hf_ponder import is_ponder_export
@@ -138,6 +141,7 @@ class LocalEngine(Engine):
         self.pad_id = int(pad) if pad is not None else 0
         limits = [int(n) for n in (getattr(self.model.config, "max_position_embeddings", None), context_length) if n]
         self._context_length = min(limits) if limits else None
+        self._lean = LeanLlama(self.model, rows_hint=max_batch_rows) if lean and LeanLlama.supports(self.model) else None
 
     @property
     def context_length(self) -> int | None:
@@ -192,6 +196,25 @@ class LocalEngine(Engine):
         return scores
 
     # ------------------------------------------------------------------------------------ internals
+    def _new_cache(self, rows: int, capacity: int | None):
+        """An empty KV cache for `rows` rows of up to `capacity` tokens (None: growing, transformers only)."""
+        if self._lean is not None:
+            return self._lean.new_cache(rows, capacity)
+        if capacity is None:
+            from transformers import DynamicCache
+
+            return DynamicCache()
+        return preallocated_cache(capacity * self.cache_slots_per_token)
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, cache, keep: int = 0) -> torch.Tensor:
+        """float logits of the last `keep` positions (0: all) of `ids` appended to `cache`; mask covers
+        the cached positions and ids (1: real token)."""
+        if self._lean is not None:
+            return self._lean.forward(ids, mask, pos, cache, keep).float()
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache,
+                         use_cache=True, logits_to_keep=keep)
+        return out.logits.float()
+
     def _left_pad(self, rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         width = max(len(r) for r in rows)
         ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
@@ -207,21 +230,19 @@ class LocalEngine(Engine):
     def _score_batch(self, prompts, continuations, idx: list[int], scores: list[float]) -> None:
         """Two passes: the distinct prompts (left-padded, last logits only), then every row's
         continuation (right-padded) on top of its prompt's KV cache."""
-        from transformers import DynamicCache
-
         idx = [i for i in idx if len(continuations[i])]
         if not idx:
             return
         uniq: dict[tuple[int, ...], int] = {}
         row_prompt = [uniq.setdefault(tuple(prompts[i]), len(uniq)) for i in idx]
         p_ids, p_mask, p_pos = self._left_pad([list(p) for p in uniq])
-        cache = DynamicCache()
-        first = self.model(input_ids=p_ids, attention_mask=p_mask, position_ids=p_pos, past_key_values=cache,
-                           use_cache=True, logits_to_keep=1).logits[:, -1, :].float()
+        c_len = max(len(continuations[i]) for i in idx)
+        capacity = None if self._lean is None else p_ids.shape[1] + c_len
+        cache = self._new_cache(len(uniq), capacity)
+        first = self._forward(p_ids, p_mask, p_pos, cache, keep=1)[:, -1, :]
         fan = torch.tensor(row_prompt, dtype=torch.long, device=self.device)
         cache.batch_select_indices(fan)
         p_mask, first = p_mask[fan], first[fan]
-        c_len = max(len(continuations[i]) for i in idx)
         c_ids = torch.full((len(idx), c_len), self.pad_id, dtype=torch.long)
         c_mask = torch.zeros((len(idx), c_len), dtype=torch.long)
         for b, i in enumerate(idx):
@@ -235,8 +256,7 @@ class LocalEngine(Engine):
         # Continuation token t is predicted by the prompt's last logits (t = 0) or by the
         # continuation logits at t-1; the last continuation position predicts nothing we need.
         if c_len > 1:
-            rest = self.model(input_ids=c_ids[:, :-1], attention_mask=mask[:, :-1], position_ids=c_pos[:, :-1],
-                              past_key_values=cache, use_cache=True).logits.float()
+            rest = self._forward(c_ids[:, :-1], mask[:, :-1], c_pos[:, :-1], cache)
             logits = torch.cat([first[:, None, :], rest], dim=1)
         else:
             logits = first[:, None, :]
@@ -318,13 +338,11 @@ class LocalEngine(Engine):
             keep = max(len(p) - s for p, s in zip(prompts, starts) if s is not None)
             keep = max(1, min(keep, width))
         steps = max(max_new) if max_new else 0
-        cache = preallocated_cache((width + max(steps, 1)) * self.cache_slots_per_token)
-        out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True, logits_to_keep=keep
-        )
+        cache = self._new_cache(ids.shape[0], width + max(steps, 1))
+        out = self._forward(ids, mask, pos, cache, keep=keep)
         results = [RowResult([], [], False, None) for _ in range(B)]
         if want_input:
-            logp_all = torch.log_softmax(out.logits.float(), dim=-1)
+            logp_all = torch.log_softmax(out, dim=-1)
             for b, (p, s) in enumerate(zip(prompts, starts)):
                 if s is None:
                     continue
@@ -338,7 +356,7 @@ class LocalEngine(Engine):
                 lp = logp_all[b, keep - 1 - n_tok : keep - 1]
                 tgt = ids[b, width - n_tok :]
                 results[b].input_logprobs = lp.gather(-1, tgt[:, None])[:, 0].tolist()
-        logits = out.logits[:, -1, :].float()
+        logits = out[:, -1, :]
         del out
         if fan is not None:
             cache.batch_select_indices(fan)
@@ -390,14 +408,7 @@ class LocalEngine(Engine):
                     break
             filled += 1
             last_pos = last_pos + 1
-            out = self.model(
-                input_ids=tok[:, None],
-                attention_mask=mask[:, :filled],
-                position_ids=last_pos[:, None],
-                past_key_values=cache,
-                use_cache=True,
-            )
-            logits = out.logits[:, -1, :].float()
+            logits = self._forward(tok[:, None], mask[:, :filled], last_pos[:, None], cache)[:, -1, :]
         return results
 
     def _select(self, cache, active: np.ndarray, live: np.ndarray, logits, mask, pos):
