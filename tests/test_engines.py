@@ -65,6 +65,57 @@ def test_local_score_matches_forward(model_dir, reference):
         assert abs(sum(forward_logprobs(reference, p, c)) - g) < 1e-3
 
 
+def test_lean_llama_logprobs_match_transformers_forward(model_dir, reference):
+    """The engine's own Llama forward (fused projections, prompt keys shared by a prompt's samples)
+    gives transformers' log-probs to float32 rounding, for sampled, scored and prompt tokens."""
+    eng = LocalEngine(model_dir)
+    assert eng._lean is not None, "a LlamaForCausalLM export should take the lean path"
+    out = eng.sample(PROMPTS, n=3, max_new_tokens=20, stop=STOP, seed=5)
+    for prompt, samples in zip(PROMPTS, out):
+        for s in samples:
+            ref = forward_logprobs(reference, prompt, s.tokens)
+            assert max(abs(a - b) for a, b in zip(ref, s.logprobs)) < 1e-5
+    conts = [s.tokens for ss in out for s in ss]
+    prompts = [p for p in PROMPTS for _ in range(3)]
+    for p, c, g in zip(prompts, conts, eng.score(prompts, conts)):
+        assert abs(sum(forward_logprobs(reference, p, c)) - g) < 1e-4
+    rows = eng.generate_rows(PROMPTS, [1] * 4, 4, STOP, input_logprob_start=[0, None, 3, 1])
+    for p, s, r in zip(PROMPTS, [0, None, 3, 1], rows):
+        if s is not None:
+            ref = forward_logprobs(reference, p[: s + 1], p[s + 1 :])
+            assert len(r.input_logprobs) == len(ref) and max(abs(a - b) for a, b in zip(ref, r.input_logprobs)) < 1e-5
+
+
+def test_lean_llama_plain_linear_path_matches_forward(model_dir, reference, monkeypatch):
+    """The kernels a GPU gets (F.linear over the fused weights, which the modules then view): the
+    same log-probs, and transformers' own forward over the re-bound module weights is unchanged."""
+    import megatron_bolt.inference.lean_llama as lean_llama
+
+    monkeypatch.setattr(lean_llama, "_cpu_packed_linear", lambda *a: None)
+    eng = LocalEngine(model_dir)
+    for prompt, samples in zip(PROMPTS, eng.sample(PROMPTS, n=2, max_new_tokens=12, stop=STOP, seed=9)):
+        for s in samples:
+            ref = forward_logprobs(reference, prompt, s.tokens)
+            assert max(abs(a - b) for a, b in zip(ref, s.logprobs)) < 1e-5
+            assert forward_logprobs(eng.model, prompt, s.tokens) == pytest.approx(ref, abs=1e-6)
+
+
+def test_lean_and_transformers_paths_give_the_same_tokens(model_dir):
+    """Same seeds, same samples whichever forward runs them: rows of different prompt lengths, fanned
+    out, stopping at different steps (whole prompts' rows ending compacts the shared prompt keys)."""
+    lean, plain = LocalEngine(model_dir, max_batch_rows=7), LocalEngine(model_dir, max_batch_rows=7, lean=False)
+    assert lean._lean is not None and plain._lean is None
+    many = PROMPTS + [[0, 4 + i, 9 + 2 * i, 13][: 2 + i % 3] for i in range(5)]
+    a, b = lean.sample(many, 4, 24, STOP, seed=21), plain.sample(many, 4, 24, STOP, seed=21)
+    assert [[s.tokens for s in ss] for ss in a] == [[s.tokens for s in ss] for ss in b]
+    assert len({len(s.tokens) for ss in a for s in ss}) > 3
+    for ss, tt in zip(a, b):
+        for s, t in zip(ss, tt):
+            assert max(abs(x - y) for x, y in zip(s.logprobs, t.logprobs)) < 1e-5
+    assert [r.tokens for r in lean.generate_greedy(many, 12, STOP)] == \
+        [r.tokens for r in plain.generate_greedy(many, 12, STOP)]
+
+
 def test_local_sampling_is_seeded_and_batch_independent(model_dir):
     eng = LocalEngine(model_dir, max_batch_rows=5)
     a = eng.sample(PROMPTS, 2, 16, STOP, seed=3)

@@ -32,7 +32,8 @@ def _cpu_packed_linear(weight: torch.Tensor, bias: torch.Tensor | None, rows_hin
         return None
     try:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows_hint)
-        probe = torch.randn(3, weight.shape[1], dtype=weight.dtype)
+        # a private generator: building an engine must not move the global RNG
+        probe = torch.randn(3, weight.shape[1], generator=torch.Generator().manual_seed(0)).to(weight.dtype)
         got = op(probe, packed, bias, "none", [], "")
         want = F.linear(probe, weight, bias)
     except RuntimeError:
@@ -43,41 +44,131 @@ def _cpu_packed_linear(weight: torch.Tensor, bias: torch.Tensor | None, rows_hin
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None, rows_hint: int):
-    """x -> x @ weight.T + bias, by the fastest exact kernel for weight's device."""
+    """x -> x @ weight.T + bias, by the fastest exact kernel for weight's device; and whether that
+    kernel holds its own (reordered) copy of the weight."""
     weight = weight.detach().contiguous()
     bias = None if bias is None else bias.detach().contiguous()
     fast = _cpu_packed_linear(weight, bias, rows_hint)
-    return fast or (lambda x: F.linear(x, weight, bias))
+    return (fast, True) if fast else ((lambda x: F.linear(x, weight, bias)), False)
 
 
 def _cat_linear(mods, rows_hint: int):
-    weight = torch.cat([m.weight for m in mods], dim=0)
-    bias = None if mods[0].bias is None else torch.cat([m.bias for m in mods], dim=0)
-    return _linear(weight, bias, rows_hint)
+    """One linear for several modules on the same input (q/k/v, gate/up), outputs side by side."""
+    weight = torch.cat([m.weight.detach() for m in mods], dim=0)
+    bias = None if mods[0].bias is None else torch.cat([m.bias.detach() for m in mods], dim=0)
+    fn, own_copy = _linear(weight, bias, rows_hint)
+    if not own_copy:  # the modules' weights become views of the fused one: no second copy on a GPU
+        at = 0
+        for m in mods:
+            n = m.weight.shape[0]
+            m.weight.data = weight[at : at + n]
+            if bias is not None:
+                m.bias.data = bias[at : at + n]
+            at += n
+    return fn
 
 
 class KVCache:
-    """Keys and values of all layers: per layer a [rows, kv_heads, capacity, head_dim] buffer, of
-    which the first `length` positions are filled (the same positions for every row: rows are
-    left-padded, and the key mask says which positions are real)."""
+    """Keys and values of all layers, with the prompt part stored once per distinct prompt.
 
-    def __init__(self, layers: int, rows: int, kv_heads: int, capacity: int, head_dim: int, dtype, device) -> None:
-        shape = (rows, kv_heads, capacity, head_dim)
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.capacity, self.length = capacity, 0
+    The first forward (the left-padded prompts, `length` 0 -> width W) fills `prefix`: per layer a
+    [prompts, kv_heads, W, head_dim] buffer. Later tokens go to `suffix`, one row per sequence, in a
+    [rows, kv_heads, capacity - W, head_dim] buffer. `group[b]` is the prompt row that sequence b
+    continues, so fanning a prompt out to its n samples (`batch_select_indices` with repeats) copies
+    no keys, and decode attention reads each prompt's keys once for all its samples (cascade
+    attention, as FlashInfer and vLLM's GPU backends do for shared prefixes).
+    """
+
+    def __init__(self, layers: int, kv_heads: int, capacity: int, head_dim: int, dtype, device) -> None:
+        self.layers, self.kv_heads, self.head_dim, self.dtype, self.device = layers, kv_heads, head_dim, dtype, device
+        self.capacity, self.length, self.width = capacity, 0, 0
+        self.prefix_k: list[torch.Tensor] = []
+        self.prefix_v: list[torch.Tensor] = []
+        self.suffix_k: list[torch.Tensor] = []
+        self.suffix_v: list[torch.Tensor] = []
+        self.group = torch.zeros(0, dtype=torch.long)
+
+    def _slots(self) -> None:
+        """Each row's place (its prompt, its rank among that prompt's rows) in the grouped layout."""
+        groups = self.group.tolist()
+        seen: dict[int, int] = {}
+        rank = []
+        for g in groups:
+            rank.append(seen.get(g, 0))
+            seen[g] = rank[-1] + 1
+        self.rank = torch.tensor(rank, dtype=torch.long, device=self.device)
+        self.per_group = max(seen.values(), default=1)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep rows `indices` (in that order; repeats fan a row out), as DynamicCache does."""
-        n, used = len(indices), self.length
-        dropping = n <= self.k[0].shape[0] and bool((indices[1:] > indices[:-1]).all())
-        for bufs in (self.k, self.v):
-            for i, b in enumerate(bufs):
-                if dropping:  # compact the kept rows' filled part to the front of the same buffer
-                    b[:n, :, :used] = b[indices, :, :used]
-                    bufs[i] = b[:n]
-                else:
-                    bufs[i] = b[indices]
+        indices = indices.to(self.group.device)
+        group = self.group[indices]
+        used = torch.unique(group)
+        if len(used) < len(self.prefix_k[0]):
+            # every sample of some prompt has ended: drop that prompt's keys, renumber the rest
+            self.prefix_k = [b[used] for b in self.prefix_k]
+            self.prefix_v = [b[used] for b in self.prefix_v]
+            group = torch.searchsorted(used, group)
+        self.group = group
+        if self.suffix_k:
+            n, used_len = len(indices), self.length - self.width
+            dropping = n <= self.suffix_k[0].shape[0] and bool((indices[1:] > indices[:-1]).all())
+            for bufs in (self.suffix_k, self.suffix_v):
+                for i, b in enumerate(bufs):
+                    if dropping:  # compact the kept rows' filled part to the front of the same buffer
+                        b[:n, :, :used_len] = b[indices, :, :used_len]
+                        bufs[i] = b[:n]
+                    else:
+                        bufs[i] = b[indices]
+        self._slots()
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store the new positions' keys/values of `layer` ([rows, kv_heads, T, head_dim])."""
+        B, _, T, _ = k.shape
+        if self.length == 0:
+            self.prefix_k.append(k.contiguous())
+            self.prefix_v.append(v.contiguous())
+            return
+        if len(self.suffix_k) <= layer:
+            shape = (B, self.kv_heads, self.capacity - self.width, self.head_dim)
+            self.suffix_k.append(torch.empty(shape, dtype=self.dtype, device=self.device))
+            self.suffix_v.append(torch.empty(shape, dtype=self.dtype, device=self.device))
+        at = self.length - self.width
+        self.suffix_k[layer][:, :, at : at + T] = k
+        self.suffix_v[layer][:, :, at : at + T] = v
+
+    def advance(self, T: int) -> None:
+        if self.length == 0:
+            self.width = T
+            self.group = torch.arange(len(self.prefix_k[0]), device=self.device)
+            self._slots()
+        self.length += T
+
+    def full(self, layer: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every row's keys and values up to `end` as contiguous tensors (prompt part copied per row)."""
+        t = end - self.width
+        k = torch.cat([self.prefix_k[layer][self.group], self.suffix_k[layer][:, :, :t]], dim=2)
+        v = torch.cat([self.prefix_v[layer][self.group], self.suffix_v[layer][:, :, :t]], dim=2)
+        return k, v
+
+    def decode_attention(self, layer: int, q: torch.Tensor, bias: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Attention of one new query per row (q [B, kv_heads, heads per kv head, d]) over the row's
+        prompt keys (shared by the rows of one prompt) and its own suffix keys; bias [B, 1, 1, end]."""
+        B, kvh, r, d = q.shape
+        G, W, n = len(self.prefix_k[layer]), self.width, self.per_group
+        t = self.length + 1 - W
+        sk, sv = self.suffix_k[layer][:, :, :t], self.suffix_v[layer][:, :, :t]
+        # the queries of one prompt's rows side by side: [G, kvh, n * r, d] (empty slots are zero)
+        qg = q.new_zeros((G, kvh, n, r, d))
+        qg[self.group, :, self.rank] = q
+        sp = torch.matmul(qg.view(G, kvh, n * r, d), self.prefix_k[layer].transpose(-1, -2))
+        sp = sp.view(G, kvh, n, r, W)[self.group, :, self.rank]
+        ss = torch.matmul(q, sk.transpose(-1, -2))
+        p = torch.softmax(torch.cat([sp, ss], dim=-1).mul_(scaling).add_(bias), dim=-1)
+        pg = p.new_zeros((G, kvh, n, r, W))
+        pg[self.group, :, self.rank] = p[..., :W]
+        out = torch.matmul(pg.view(G, kvh, n * r, W), self.prefix_v[layer]).view(G, kvh, n, r, d)
+        return out[self.group, :, self.rank] + torch.matmul(p[..., W:], sv)
 
 
 class LeanLlama:
@@ -99,7 +190,7 @@ class LeanLlama:
         self._rope_apply = apply_rotary_pos_emb
         inner = model.model
         self.embed, self.rotary, self.norm = inner.embed_tokens, inner.rotary_emb, inner.norm
-        self.lm_head = _linear(model.lm_head.weight, model.lm_head.bias, rows_hint)
+        self.lm_head = _linear(model.lm_head.weight, model.lm_head.bias, rows_hint)[0]
         attn0 = inner.layers[0].self_attn
         self.head_dim = attn0.head_dim
         self.heads = model.config.num_attention_heads
@@ -112,15 +203,16 @@ class LeanLlama:
             self.layers.append((
                 layer.input_layernorm,
                 _cat_linear([a.q_proj, a.k_proj, a.v_proj], rows_hint),
-                _linear(a.o_proj.weight, a.o_proj.bias, rows_hint),
+                _linear(a.o_proj.weight, a.o_proj.bias, rows_hint)[0],
                 layer.post_attention_layernorm,
                 _cat_linear([m.gate_proj, m.up_proj], rows_hint),
-                _linear(m.down_proj.weight, m.down_proj.bias, rows_hint),
+                _linear(m.down_proj.weight, m.down_proj.bias, rows_hint)[0],
                 m.act_fn,
             ))
 
     def new_cache(self, rows: int, capacity: int) -> KVCache:
-        return KVCache(len(self.layers), rows, self.kv_heads, capacity, self.head_dim, self.dtype, self.device)
+        """An empty cache for up to `capacity` positions (rows are set by the first forward)."""
+        return KVCache(len(self.layers), self.kv_heads, capacity, self.head_dim, self.dtype, self.device)
 
     def forward(self, ids: torch.Tensor, key_mask: torch.Tensor, pos: torch.Tensor, cache: KVCache,
                 keep: int = 0) -> torch.Tensor:
@@ -137,7 +229,7 @@ class LeanLlama:
         h, kvh, d = self.heads, self.kv_heads, self.head_dim
         nq, nkv = h * d, kvh * d
         key_ok = key_mask[:, :end].bool()
-        if T == 1:
+        if T == 1 and past:
             bias = torch.zeros((B, 1, 1, end), dtype=self.dtype, device=self.device)
             bias.masked_fill_(~key_ok[:, None, None, :], float("-inf"))
         else:
@@ -153,23 +245,21 @@ class LeanLlama:
             k = y[..., nq : nq + nkv].view(B, T, kvh, d).transpose(1, 2)
             v = y[..., nq + nkv :].view(B, T, kvh, d).transpose(1, 2)
             q, k = self._rope_apply(q, k, cos, sin)
-            kc, vc = cache.k[i], cache.v[i]
-            kc[:, :, past:end] = k
-            vc[:, :, past:end] = v
-            keys, values = kc[:, :, :end], vc[:, :, :end]
-            if T == 1:
-                # the query heads that share a KV head, stacked: [B, kvh, h/kvh, d] against [B, kvh, end, d]
-                qs = q.reshape(B, kvh, h // kvh, d)
-                scores = torch.matmul(qs, keys.transpose(-1, -2)).mul_(self.scaling).add_(bias)
-                att = torch.matmul(torch.softmax(scores, dim=-1), values).reshape(B, 1, nq)
+            cache.write(i, k, v)
+            if past == 0:
+                keys, values = cache.prefix_k[i], cache.prefix_v[i]
+            elif T == 1:
+                att = cache.decode_attention(i, q.reshape(B, kvh, h // kvh, d), bias, self.scaling).reshape(B, 1, nq)
             else:
+                keys, values = cache.full(i, end)
+            if past == 0 or T > 1:
                 att = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=self.scaling,
                                                      enable_gqa=True)
                 att = att.transpose(1, 2).reshape(B, T, nq)
             x = x + o_proj(att)
             g, u = gate_up(norm2(x)).chunk(2, dim=-1)
             x = x + down(act(g) * u)
-        cache.length = end
+        cache.advance(T)
         if keep:
             x = x[:, -keep:]
         return self.lm_head(self.norm(x))
