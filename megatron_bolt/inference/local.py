@@ -11,6 +11,11 @@ the last bits: see base.py for what that means for reproducibility). `generate_g
 the same loop with argmax instead of a draw (evaluation), and can end a row on a condition of its
 tokens so far (a stop string in the decoded text) as well as on stop ids.
 
+A LlamaForCausalLM runs through `LeanLlama` (lean_llama.py): the same modules and weights with fused
+projections, oneDNN linears on CPU and the prompt's KV cache stored once per distinct prompt; any
+other model (a ponder export, Mistral, Qwen2) runs through transformers' forward with
+`PreallocatedLayer`. The two agree to float32 rounding (tests/test_engines.py).
+
 Scoring left-pads prompt+continuation rows so that every continuation ends at the last position,
 which lets one `logits_to_keep` cover all of them without materialising logits for the prompts.
 """
