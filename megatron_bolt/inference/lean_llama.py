@@ -101,6 +101,7 @@ class KVCache:
             seen[g] = rank[-1] + 1
         self.rank = torch.tensor(rank, dtype=torch.long, device=self.device)
         self.per_group = max(seen.values(), default=1)
+        self._grouped: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         """Keep rows `indices` (in that order; repeats fan a row out), as DynamicCache does."""
@@ -161,15 +162,18 @@ class KVCache:
         G, W, n = len(self.prefix_k[layer]), self.width, self.per_group
         t = self.length + 1 - W
         sk, sv = self.suffix_k[layer][:, :, :t], self.suffix_v[layer][:, :, :t]
-        # the queries of one prompt's rows side by side: [G, kvh, n * r, d] (empty slots are zero)
-        qg = q.new_zeros((G, kvh, n, r, d))
+        # the queries of one prompt's rows side by side: [G, kvh, n * r, d]; slots of ended rows stay
+        # zero (only live rows' slots are written), so the buffers serve every layer until rows change
+        if self._grouped is None:
+            self._grouped = (q.new_zeros((G, kvh, n, r, d)), q.new_zeros((G, kvh, n, r, W)))
+        qg, pg = self._grouped
+        q = q * scaling
         qg[self.group, :, self.rank] = q
         sp = torch.matmul(qg.view(G, kvh, n * r, d), self.prefix_k[layer].transpose(-1, -2))
         sp = sp.view(G, kvh, n, r, W)[self.group, :, self.rank]
         ss = torch.matmul(q, sk.transpose(-1, -2))
         # softmax in float32 whatever the model's dtype, as SDPA does
-        p = torch.softmax(torch.cat([sp, ss], dim=-1).mul_(scaling).add_(bias), dim=-1, dtype=torch.float32).to(q.dtype)
-        pg = p.new_zeros((G, kvh, n, r, W))
+        p = torch.softmax(torch.cat([sp, ss], dim=-1).add_(bias), dim=-1, dtype=torch.float32).to(q.dtype)
         pg[self.group, :, self.rank] = p[..., :W]
         out = torch.matmul(pg.view(G, kvh, n * r, W), self.prefix_v[layer]).view(G, kvh, n, r, d)
         return out[self.group, :, self.rank] + torch.matmul(p[..., W:], sv)
