@@ -13,7 +13,7 @@ from conftest import TINY_CONFIG, bolt, free_port
 
 from megatron_bolt.config import load_config
 
-PONDER = ["model.type=ponder", "model.latents_per_token=1", "model.jacobi_iters=[2,3]"]
+PONDER = ["model.type=ponder", "ponder.latents_per_token=1", "ponder.jacobi_iters=[2,3]"]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def _model(latents: int):
 
     # init_std 0.2: with the default 0.02 the latents barely move the logits and Jacobi converges
     # in ~3 iterations, which would make the exactness check nearly vacuous.
-    cfg = load_config(TINY_CONFIG, ["model.type=ponder", f"model.latents_per_token={latents}", "model.seq_len=16",
+    cfg = load_config(TINY_CONFIG, ["model.type=ponder", f"ponder.latents_per_token={latents}", "model.seq_len=16",
                                     "model.init_std=0.2"])
     model = build_model(cfg, wrap_ddp=False)
     model.eval()
@@ -59,7 +59,7 @@ def test_jacobi_equals_sequential_kv_cached(single_rank, latents):
     assert gap < 1e-4, gap
     # the default J (eval_jacobi_iters = 3 < T) is not exact: report the gap
     default_gap = (default - reference).abs().max().item()
-    print(f"K={latents}: max |logit gap| at J={latents * T}: {gap:.2e}; at default J={cfg.model.eval_jacobi_iters}: "
+    print(f"K={latents}: max |logit gap| at J={latents * T}: {gap:.2e}; at default J={cfg.ponder.eval_jacobi_iters}: "
           f"{default_gap:.2e}")
     assert default_gap > 100 * gap  # the latents matter, so exactness at J = K*T is not vacuous
     # Jacobi prefill + cached decoding continues exactly where the sequential computation is
@@ -255,7 +255,7 @@ def test_ponder_export_to_hf_matches_megatron(single_rank, tmp_path):
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_documents(20, 0)))
     tok = train_bpe_tokenizer([str(docs)], 320, str(tmp_path / "tok"))
-    cfg = load_config(TINY_CONFIG, ["model.type=ponder", "model.latents_per_token=2", "model.seq_len=64",
+    cfg = load_config(TINY_CONFIG, ["model.type=ponder", "ponder.latents_per_token=2", "model.seq_len=64",
                                     "model.init_std=0.2", f"model.vocab_size={tok.vocab_size}", "model.qkv_bias=true",
                                     "model.kv_channels=32", "model.tie_embeddings=true"])
     model = build_model(cfg, wrap_ddp=False).eval()

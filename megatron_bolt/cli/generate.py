@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (per prompt: seed + line index)")
     p.add_argument("--eos-id", type=int, default=None, help="stop a prompt's continuation at this token")
     p.add_argument("--jacobi-iters", type=int, default=None,
-                   help="ponder prefill Jacobi iterations (default: model.eval_jacobi_iters; K*prompt length is exact)")
+                   help="ponder prefill Jacobi iterations (default: ponder.eval_jacobi_iters; K*prompt length is exact)")
     p.add_argument("--nproc-per-node", type=int, default=1, help="tensor-parallel ranks to launch locally")
 
 
