@@ -27,6 +27,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="session")
+def megatron_cpu() -> None:
+    """For tests that run Megatron-Core in this process: the entry point's step (as in the bolt
+    commands) of entering the CPU compatibility layer; a no-op with CUDA. It stays for the session."""
+    from megatron_bolt.compat import cpu as cpu_compat
+
+    cpu_compat.install()
+
+
 def scrubbed_env(**extra: str) -> dict[str, str]:
     """This environment for a child `bolt` as a user would start it: no launcher variables
     inherited (a test runner under torchrun or SLURM must not make it a rank), one thread."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from conftest import TINY_CONFIG, bolt
 
@@ -204,3 +206,51 @@ def test_sections_built_in_code_are_checked_by_validate():
     # a section lists all its problems, each naming its own field
     fields = [key for key, _ in section_problems(TrainConfig(micro_batch=0, eval_iters=0, adam_beta2=1.0))]
     assert fields == ["micro_batch", "eval_iters", "adam_beta2"]
+
+
+def test_a_lone_process_in_a_batch_allocation_is_the_only_rank(monkeypatch):
+    """sbatch's batch step has SLURM_PROCID/SLURM_NTASKS but no SLURM_STEP_ID: not a rank of
+    SLURM_NTASKS, and rank_env() says so without touching os.environ."""
+    from megatron_bolt import runtime
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_STEP_ID"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[001-002]")
+    before = dict(os.environ)
+    env = runtime.rank_env()
+    assert (env.rank, env.world_size, env.master_addr) == (0, 1, "127.0.0.1")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")  # under srun: a rank of the step
+    assert runtime.rank_env().world_size == 8 and runtime.rank_env().master_addr == "gpu001"
+    monkeypatch.delenv("SLURM_STEP_ID")
+    assert dict(os.environ) == before
+
+
+def test_init_distributed_writes_no_environment_and_needs_the_cpu_layer_entered(monkeypatch):
+    import torch
+    import torch.distributed as dist
+    from conftest import free_port
+
+    from megatron_bolt import runtime
+    from megatron_bolt.compat import cpu as cpu_compat
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    # library code does not enter the CPU layer itself: without CUDA and without install(), an error
+    monkeypatch.setattr(cpu_compat, "_installed", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"call megatron_bolt.compat.cpu.install\(\) first"):
+        runtime.init_distributed(env=runtime.DistEnv(0, 1, 0, "127.0.0.1", free_port()))
+    monkeypatch.undo()
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    cpu_compat.install()
+    before = dict(os.environ)
+    port = free_port()
+    try:
+        env = runtime.init_distributed(env=runtime.DistEnv(0, 1, 0, "127.0.0.1", port))
+        assert env.master_port == port and dist.get_world_size() == 1
+    finally:
+        runtime.shutdown()
+    assert dict(os.environ) == before  # the rendezvous address went to init_process_group, not to os.environ

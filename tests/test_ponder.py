@@ -5,7 +5,6 @@ PP=1, bolt generate / score."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -17,16 +16,12 @@ PONDER = ["model.type=ponder", "ponder.latents_per_token=1", "ponder.jacobi_iter
 
 
 @pytest.fixture(scope="module")
-def single_rank():
-    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(free_port())})
+def single_rank(megatron_cpu):
     from megatron_bolt import runtime
 
-    runtime.init_distributed(1, 1, 1234)
+    runtime.init_distributed(1, 1, 1234, env=runtime.DistEnv(0, 1, 0, "127.0.0.1", free_port()))
     yield
     runtime.shutdown()
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        os.environ.pop(key, None)
 
 
 def _model(latents: int):

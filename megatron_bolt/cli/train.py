@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import signal
 
-from megatron_bolt.cli.ranks import relaunch_or_become_rank
+from megatron_bolt.cli.ranks import relaunch_if_needed
 from megatron_bolt.config import load_config, validate
 
 
@@ -40,11 +40,13 @@ def run(args: argparse.Namespace) -> int:
         if not cfg.data.uses_mock:
             parse_blend(cfg.data.prefixes)
         # The save-and-exit signals go to the training ranks themselves (see runtime.relaunch).
-        code = relaunch_or_become_rank(args, nproc, forward=[signal.SIGTERM, signal.Signals[cfg.train.exit_signal]])
+        code = relaunch_if_needed(args, nproc, forward=[signal.SIGTERM, signal.Signals[cfg.train.exit_signal]])
         if code is not None:
             return code
+    from megatron_bolt.compat import cpu as cpu_compat
     from megatron_bolt.training.loop import train
 
-    train(cfg)
+    cpu_compat.install()  # without CUDA: Megatron-Core on CPU + gloo (changes devices only)
+    train(cfg, runtime.rank_env())
     runtime.shutdown()
     return 0
