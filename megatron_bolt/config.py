@@ -91,6 +91,13 @@ class ModelConfig:
         return ((self.vocab_size + multiple - 1) // multiple) * multiple
 
     def problems(self) -> Iterator[tuple[str, str]]:
+        sizes = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "seq_len", "make_vocab_divisible_by")
+        small = [(key, getattr(self, key)) for key in sizes if getattr(self, key) < 1]
+        small += [(key, getattr(self, key)) for key in ("num_query_groups", "ffn_hidden_size")
+                  if getattr(self, key) is not None and getattr(self, key) < 1]
+        if small:  # the shape checks below divide by these
+            yield small[0][0], f"expected >= 1, got {small[0][1]}"
+            return
         if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
             yield "num_attention_heads", (f"{self.num_attention_heads} must divide model.hidden_size "
                                           f"({self.hidden_size}), or set model.kv_channels")

@@ -194,6 +194,8 @@ def test_sections_built_in_code_are_checked_by_validate():
         (RunConfig(model=ModelConfig(fp8="e5m2")), "config key 'model.fp8': expected one of null, 'hybrid', 'e4m3'"),
         (RunConfig(model=ModelConfig(recompute_modules=["mlp", "moe"])), "'model.recompute_modules[1]'"),
         (RunConfig(parallel=ParallelConfig(cp=0)), "config key 'parallel.cp': expected >= 1, got 0"),
+        (RunConfig(model=ModelConfig(num_attention_heads=0)), "config key 'model.num_attention_heads': expected >= 1"),
+        (RunConfig(model=ModelConfig(num_query_groups=0)), "config key 'model.num_query_groups': expected >= 1"),
         (RunConfig(train=TrainConfig(lr_decay_style="step")), "'train.lr_decay_style': expected one of 'cosine'"),
         (RunConfig(ponder=PonderConfig(latents_per_token=0)), "'ponder.latents_per_token': expected >= 1"),
         # across sections, after each section's own checks
