@@ -143,6 +143,41 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
+# ------------------------------------------------------------------ one micro EM run for the session
+MICRO_EM_TRAIN = """
+model: {num_layers: 2, hidden_size: 32, num_attention_heads: 2, ffn_hidden_size: 64, seq_len: 128}
+train: {steps: 4, micro_batch: 4, global_batch: 4, lr: 3.0e-3, min_lr: 3.0e-4, warmup: 1, log_interval: 2}
+checkpoint: {save_interval: 2}
+"""
+# the shared run: the paper's protocol with everything on (both raw baselines, the K=1 ablation), a
+# warm start of its own length, and three iterations (README's commands name runs/demo/iter3)
+MICRO_EM_FULL = {"iterations": 3, "raw_baselines": "[tokens, flops]", "ablation_samples": "[1]"}
+
+
+def micro_em_args(tmp: Path, **extra: object) -> list[str]:
+    """`bolt em` arguments of a micro toy run into tmp/run (seconds per step); `extra` overrides."""
+    (tmp / "train.yaml").write_text(MICRO_EM_TRAIN)
+    overrides = {
+        "output_dir": str(tmp / "run"), "train_config": str(tmp / "train.yaml"), "iterations": 1,
+        "corpus.toy_warm_docs": 6, "corpus.toy_rest_docs": 6, "corpus.toy_valid_docs": 2,
+        "warmstart.train_steps": 6,
+        "estep.samples": 2, "estep.max_latent_tokens": 16, "engine.threads": 1,
+        "eval.limit": 6, "eval.shots": 2, "eval.max_new_tokens": 24, "iwae_samples": "[1, 2]",
+        **extra,
+    }
+    return [str(REPO / "examples" / "toy" / "em.yaml"), *(f"{k}={v}" for k, v in overrides.items())]
+
+
+@pytest.fixture(scope="session")
+def micro_em_run(tmp_path_factory) -> Path:
+    """One finished micro `bolt em` run (MICRO_EM_FULL), shared by the EM and README tests, which
+    only read it: the loop's most expensive part (a dozen training and export processes) runs once."""
+    tmp = tmp_path_factory.mktemp("micro_em")
+    proc = bolt("em", *micro_em_args(tmp, **MICRO_EM_FULL), timeout=1200)
+    assert "iter3 (K=2)" in proc.stdout and "iter3 (K=1)" in proc.stdout  # the final table
+    return tmp / "run"
+
+
 @pytest.fixture(scope="session")
 def synthetic_prefix(tmp_path_factory) -> str:
     from megatron_bolt.data.synthetic import write_synthetic_dataset
