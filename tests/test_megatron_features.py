@@ -254,8 +254,10 @@ import torch
 from megatron_bolt import runtime
 from megatron_bolt.config import ModelConfig, ParallelConfig
 from megatron_bolt.models.gpt import build_gpt
+from megatron_bolt.compat import cpu as cpu_compat
 from megatron_bolt.models.init import initialize_weights
 
+cpu_compat.install()
 runtime.init_distributed(tp=1, pp=1)
 results = {}
 tokens = torch.randint(0, 500, (2, 32), generator=torch.Generator().manual_seed(0))
@@ -346,8 +348,10 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron_bolt import runtime
+from megatron_bolt.compat import cpu as cpu_compat
 from megatron_bolt.training.context_parallel import cp_slice, masked_mean_loss
 
+cpu_compat.install()
 env = runtime.init_distributed(tp=1, pp=1, cp=2)
 assert parallel_state.get_context_parallel_world_size() == 2
 gen = torch.Generator().manual_seed(0)
