@@ -152,6 +152,9 @@ def test_uniform_chunking_is_the_references_validation_chunking():
     assert uniform_sentences_per_chunk(8) == [8] and uniform_sentences_per_chunk(1) == [1]
     text = " ".join(f"Sentence number {i}." for i in range(9))
     assert [len(sentence_boundaries(c)) + 1 for c in chunk_texts(text, uniform=True)] == [4, 5]
+    # The 8 is the reference's units_per_chunk, the Poisson mean + 1: one knob for both modes.
+    assert [len(sentence_boundaries(c)) + 1 for c in chunk_texts(text, poisson_mean=2, uniform=True)] == [3, 3, 3]
+    assert len(chunk_texts(text, poisson_mean=0, uniform=True)) == 9
 
 
 def test_chunk_poisson_mean_sets_the_chunk_size():

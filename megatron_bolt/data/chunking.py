@@ -17,7 +17,9 @@ in ryoungj/BoLT `apps/main/gen_utils/chunk_gen.py`. In this project's terms:
    `units_per_chunk - min_units_per_chunk` = 8 - 1).
 
 For validation the reference chunks uniformly instead (`uniform_sentences_per_chunk`): ceil(n / 8)
-chunks of as equal a number of units as possible (`bolt preprocess --chunking uniform`).
+chunks of as equal a number of units as possible (`bolt preprocess --chunking uniform`). The 8 is
+the same knob as the Poisson draw's mean + 1 (the reference's `units_per_chunk`), so a
+`poisson_mean` other than 7 sets it too, rounded to whole units (`uniform_units_per_chunk`).
 
 Where this differs from the reference, on purpose:
 
@@ -203,6 +205,12 @@ def sentences_per_chunk(text: str, n_sentences: int, poisson_mean: float = MEAN_
 UNIFORM_UNITS_PER_CHUNK = 8
 
 
+def uniform_units_per_chunk(poisson_mean: float = MEAN_EXTRA_SENTENCES) -> int:
+    """Units per uniform chunk for a Poisson mean: the reference's `units_per_chunk` (mean + 1,
+    8 by default), rounded to whole units."""
+    return max(1, round(poisson_mean) + 1)
+
+
 def uniform_sentences_per_chunk(n_sentences: int, units_per_chunk: int = UNIFORM_UNITS_PER_CHUNK) -> list[int]:
     """The reference's validation chunking (`apply_random_chunking=False`): ceil(n / 8) chunks with
     boundaries at int(linspace(0, n, chunks + 1)), i.e. as even as whole units allow."""
@@ -216,7 +224,7 @@ def chunk_char_boundaries(text: str, poisson_mean: float = MEAN_EXTRA_SENTENCES,
     validation chunking instead of the Poisson draw)."""
     bounds = sentence_boundaries(text)
     if uniform:
-        counts = uniform_sentences_per_chunk(len(bounds) + 1)
+        counts = uniform_sentences_per_chunk(len(bounds) + 1, uniform_units_per_chunk(poisson_mean))
     else:
         counts = sentences_per_chunk(text, len(bounds) + 1, poisson_mean)
     # Unit k ends at bounds[k]; a chunk of counts[j] units ends after its last unit.

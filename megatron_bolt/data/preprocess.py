@@ -73,7 +73,7 @@ class PreprocessConfig:
     progress: bool = True
     tokenizer_threads: int = 1
     chunk_poisson_mean: float = 7.0  # chunks of min(Poisson(mean) + 1, 20) sentences
-    chunking: str = "random"  # "uniform": the reference's validation chunks (ceil(n / 8), even)
+    chunking: str = "random"  # "uniform": the reference's validation chunks (ceil(n / (mean + 1)), even)
 
 
 @dataclass

@@ -192,6 +192,8 @@ class EMDriver:
                 inputs=files, output_prefix=str(self.data / name), tokenizer_model=tokenizer,
                 tokenizer_type="HuggingFaceTokenizer", json_keys=[key], chunk_store=self.chunks(name),
                 progress=False, chunk_poisson_mean=c.chunk_poisson_mean,
+                # The reference's validation protocol cuts IWAE documents into uniform chunks.
+                chunking="uniform" if name == "valid" else "random",
             )
 
             def run_preprocess(pcfg: PreprocessConfig = pcfg) -> str:
