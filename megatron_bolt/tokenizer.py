@@ -82,8 +82,8 @@ class BoltTokenizer:
         raise NotImplementedError
 
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-        """Token ids of each text (int32 arrays), with no BOS/EOS. Threads: `num_threads` (HF: 1 is
-        serial; otherwise rayon, sized by RAYON_NUM_THREADS; SentencePiece: 1 by default)."""
+        """Token ids of each text (int32 arrays), with no BOS/EOS. Threads: TOKENIZERS_PARALLELISM /
+        RAYON_NUM_THREADS for the HF backend, `num_threads` for SentencePiece (1 by default)."""
         raise NotImplementedError
 
     def encode_batch_with_ends(self, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -126,10 +126,6 @@ class BoltTokenizer:
 
 class HFTokenizer(BoltTokenizer):
     backend = "hf"
-    # Threads of a batch encode. None: the `tokenizers` default (rayon over all cores, unless
-    # TOKENIZERS_PARALLELISM / RAYON_NUM_THREADS in the process's environment say otherwise);
-    # 1: serial, whatever the environment says (preprocessing parallelises with processes).
-    num_threads: int | None = None
 
     def __init__(self, tokenizer_json: Path, config: dict, add_latent_tokens: bool, name: str):
         from tokenizers import AddedToken, Tokenizer
@@ -160,22 +156,15 @@ class HFTokenizer(BoltTokenizer):
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def _encodings(self, texts: Sequence[str], offsets: bool) -> list:
-        if self.num_threads == 1:
-            # One text at a time: `Tokenizer.encode` never uses rayon, whatever TOKENIZERS_PARALLELISM
-            # says, and costs no more per text than a batch call (less, when offsets are wanted).
-            return [self._tok.encode(t, add_special_tokens=False) for t in texts]
-        batch = self._tok.encode_batch if offsets else getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
-        return batch(list(texts), add_special_tokens=False)
-
     def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
-        return [np.asarray(e.ids, dtype=np.int32) for e in self._encodings(texts, offsets=False)]
+        fast = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)
+        return [np.asarray(e.ids, dtype=np.int32) for e in fast(list(texts), add_special_tokens=False)]
 
     def encode_batch_with_ends(self, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray]]:
         end = itemgetter(1)
         return [
             (np.asarray(e.ids, dtype=np.int32), np.fromiter(map(end, e.offsets), dtype=np.int64, count=len(e)))
-            for e in self._encodings(texts, offsets=True)
+            for e in self._tok.encode_batch(list(texts), add_special_tokens=False)
         ]
 
     def decode(self, ids: Iterable[int]) -> str:

@@ -205,18 +205,18 @@ def test_chunk_poisson_mean_flag(tmp_path, toks):
 
 
 def test_preprocess_never_sets_tokenizer_variables_in_this_process(tmp_path, toks, monkeypatch):
-    # Serial tokenization needs no TOKENIZERS_PARALLELISM: other threads of the caller's process
-    # (a data loader, say) must not see it change while preprocessing runs.
+    # Thread settings go to the worker processes: other threads of the caller's process (a data
+    # loader, say) must not see TOKENIZERS_PARALLELISM change while preprocessing runs.
     names = ("TOKENIZERS_PARALLELISM", "RAYON_NUM_THREADS")
     for name in names:
         monkeypatch.delenv(name, raising=False)
-    seen, real = [], pp.BatchEncoder.__call__
+    seen, real = [], pp._Progress.update
 
-    def spy(self, batch):
+    def spy(self, docs, tokens):  # runs in this process once per batch
         seen.append({k: os.environ.get(k) for k in names})
-        return real(self, batch)
+        return real(self, docs, tokens)
 
-    monkeypatch.setattr(pp.BatchEncoder, "__call__", spy)
+    monkeypatch.setattr(pp._Progress, "update", spy)
     data = write_jsonl(tmp_path / "in.jsonl", make_texts(20))
     preprocess(PreprocessConfig([data], str(tmp_path / "x"), toks["HuggingFaceTokenizer"], batch_docs=8,
                                 chunk_store=str(tmp_path / "x.zarr"), progress=False))
@@ -228,15 +228,15 @@ def test_interrupted_run_leaves_no_output_pair(tmp_path, toks, monkeypatch):
     prefix = str(tmp_path / "x")
     preprocess(PreprocessConfig([data], prefix, toks["HuggingFaceTokenizer"], progress=False))
     before = open(prefix + "_text_document.idx", "rb").read()
-    real, calls = pp.BatchEncoder.__call__, []
+    real, calls = pp._Progress.update, []
 
-    def dies_on_third_batch(self, batch):
+    def dies_on_third_batch(self, docs, tokens):  # in this process, after the third batch is written
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real(self, batch)
+        return real(self, docs, tokens)
 
-    monkeypatch.setattr(pp.BatchEncoder, "__call__", dies_on_third_batch)
+    monkeypatch.setattr(pp._Progress, "update", dies_on_third_batch)
     with pytest.raises(KeyboardInterrupt):
         preprocess(PreprocessConfig([data], prefix, toks["HuggingFaceTokenizer"], batch_docs=8,
                                     chunk_store=prefix + ".zarr", append_eod=True, progress=False))

@@ -181,7 +181,8 @@ def _worker_tokenizer(tokenizer_model: str, kind: str, add_latent: bool, threads
     """The tokenizer of this process, loaded once per process and setting (workers receive a fresh
     `BatchEncoder` with every batch, so the encoder itself cannot hold it)."""
     tokenizer = load_tokenizer(tokenizer_model, add_latent_tokens=add_latent, kind=kind)
-    tokenizer.num_threads = threads
+    if hasattr(tokenizer, "num_threads"):  # SentencePiece; the HF backend's come from the environment
+        tokenizer.num_threads = threads
     return tokenizer
 
 
@@ -251,11 +252,12 @@ class BatchEncoder:
 
 
 def _worker_environment(tokenizer_threads: int) -> None:
-    """Pool initializer: size the HF tokenizer's rayon pool in this worker process (rayon reads
-    RAYON_NUM_THREADS once, when the pool starts; there is no API). Only used for
-    `tokenizer_threads` > 1; with 1, encoding is serial without any environment variable."""
-    os.environ["TOKENIZERS_PARALLELISM"] = "true"
-    os.environ["RAYON_NUM_THREADS"] = str(tokenizer_threads)
+    """Pool initializer: the HF tokenizer's threads, set in the worker process only. `tokenizers`
+    has no API for them: batch encodes read TOKENIZERS_PARALLELISM at every call and rayon reads
+    RAYON_NUM_THREADS once, when its pool starts. The caller's environment is never touched."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if tokenizer_threads > 1 else "false"
+    if tokenizer_threads > 1:
+        os.environ["RAYON_NUM_THREADS"] = str(tokenizer_threads)
 
 
 def _validate(payload, keys: Sequence[str], max_chars: int) -> tuple[list[str] | None, str, str]:
@@ -337,24 +339,23 @@ class _Progress:
 
 
 def _results(cfg: PreprocessConfig, files: list[str], encoder: BatchEncoder) -> Iterator[dict]:
-    """Encoded batches in input order; at most a few batches per worker in flight (bounded memory)."""
-    batches = iter_batches(files, cfg.json_keys, cfg.batch_docs)
-    if cfg.workers <= 1 and cfg.tokenizer_threads <= 1:
-        for batch in batches:
-            yield encoder(batch)
-        return
+    """Encoded batches in input order; at most a few batches per worker in flight (bounded memory).
+
+    Tokenizing always runs in worker processes, one worker included: their thread settings can
+    then live in their own environment (`_worker_environment`), and this process reads and writes
+    while they tokenize.
+    """
     import multiprocessing as mp
 
+    batches = iter_batches(files, cfg.json_keys, cfg.batch_docs)
     if cfg.tokenizer_threads > 1:
-        # The thread count reaches rayon only through the worker's environment, set by the
-        # initializer in a fresh (spawned) process: a forked child would inherit the caller's
-        # rayon state, which `tokenizers` disables after a fork if it was ever used.
-        ctx, init = mp.get_context("spawn"), (_worker_environment, (cfg.tokenizer_threads,))
+        # A fresh (spawned) process: a forked child would inherit the caller's rayon state, which
+        # `tokenizers` disables after a fork if it was ever used.
+        ctx = mp.get_context("spawn")
     else:
         # Fork where possible: the workers inherit the imported modules and the sentence splitter.
         ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-        init = (None, ())
-    with ctx.Pool(cfg.workers, initializer=init[0], initargs=init[1]) as pool:
+    with ctx.Pool(cfg.workers, initializer=_worker_environment, initargs=(cfg.tokenizer_threads,)) as pool:
         pending: deque = deque()
         for batch in batches:
             pending.append(pool.apply_async(encoder, (batch,)))
@@ -367,9 +368,8 @@ def _results(cfg: PreprocessConfig, files: list[str], encoder: BatchEncoder) -> 
 def preprocess(cfg: PreprocessConfig) -> PreprocessResult:
     """Run the whole conversion; see the module docstring.
 
-    Each worker tokenizes on one thread by default, so `workers` is the number of cores used;
-    `tokenizer_threads` > 1 lets the HF tokenizer (rayon) / SentencePiece use more per worker, and
-    then runs even a single worker as its own process (see `_results`).
+    Each worker tokenizes on one thread by default, so `workers` is the number of tokenizing
+    cores; `tokenizer_threads` > 1 lets the HF tokenizer (rayon) / SentencePiece use more per worker.
     """
     if cfg.tokenizer_type not in TOKENIZER_TYPES:
         raise UserError(f"--tokenizer-type {cfg.tokenizer_type}: choose one of {', '.join(TOKENIZER_TYPES)}")
