@@ -123,6 +123,10 @@ def test_sentence_splitter_gives_nltk_punkts_spans():
     pieces = list("aA. .!?\"')]}([-,;:\n\t\x0b\xa0") + ["Mr", "The", "e.g", "...", "--", "U.S", "3.5", "J.", " ", "x"]
     for text in _fuzz_strings(1, pieces, 4000, 40):
         assert ours.sentence_ends(text) == [e for _, e in nltk_punkt.span_tokenize(text)], repr(text)
+    # Its break decision, restated for the untrained parameters, on short contexts.
+    pieces += ["J.", "3.", "..", "Mr.", "the", "5", "$", "\n\n", "É"]
+    for context in _fuzz_strings(2, pieces, 20000, 10):
+        assert ours._contains_break(context) == nltk_punkt.text_contains_sentbreak(context), repr(context)
 
 
 def test_chunk_texts_group_units_and_tile_the_document():

@@ -56,6 +56,8 @@ _BLANK_LINE = re.compile(r"\n\s*\n")
 # Punkt only ever considers a break after one of its sentence-end characters; a paragraph without
 # any is one sentence (or none, if it is only whitespace), so Punkt need not run on it.
 _SENTENCE_END = re.compile(r"[.?!]")
+_SENTENCE_END_CHARS = (".", "?", "!")  # Punkt's sentence-end characters
+_PUNKT_PUNCTUATION = tuple(";:,.!?")  # what Punkt's orthographic heuristic calls punctuation
 _WHITESPACE = string.whitespace  # what Punkt counts as whitespace before a candidate's word
 
 
@@ -83,7 +85,10 @@ class _Punkt:
         punkt = PunktSentenceTokenizer()
         self._candidates = punkt._lang_vars.period_context_re().finditer
         self._realignment = punkt._lang_vars.re_boundary_realignment.match
-        self._breaks = lru_cache(maxsize=1 << 16)(punkt.text_contains_sentbreak)
+        self._words = punkt._lang_vars.word_tokenize
+        token = punkt._Token
+        self._numeric, self._initial = token._RE_NUMERIC, token._RE_INITIAL
+        self._breaks = lru_cache(maxsize=1 << 16)(self._contains_break)
 
     def sentence_ends(self, text: str) -> list[int]:
         """The `end` of each (start, end) span that Punkt's `span_tokenize(text)` yields."""
@@ -121,6 +126,33 @@ class _Punkt:
             if start < stop:  # Punkt drops empty sentences
                 ends.append(stop)
         return ends
+
+    def _contains_break(self, context: str) -> bool:
+        """Punkt's `text_contains_sentbreak` for the untrained parameters (no abbreviations,
+        collocations, sentence starters or orthographic statistics), which leave these rules:
+
+        - a word token that is `.`, `?` or `!`, or ends in a single `.`, is a break;
+        - except a period-final initial ("J.") or number ("3.") before a punctuation mark or a
+          lower-case word, and an initial before an upper-case word;
+        - ellipses are never breaks; a break counts only if some token follows it.
+        Same tokens (Punkt's word regex, line by line) and the same type rules as
+        `_first_pass_annotation`, `_second_pass_annotation` and `_ortho_heuristic`.
+        """
+        toks = [t for line in context.split("\n") if line.strip() for t in self._words(line)]
+        for tok, nxt in zip(toks, toks[1:]):
+            if tok in _SENTENCE_END_CHARS:
+                return True
+            if not tok.endswith(".") or tok.endswith(".."):  # ".." ends ellipses too
+                continue
+            kind = self._numeric.sub("##number##", tok.lower())
+            if len(kind) > 1 and kind[-1] == ".":
+                kind = kind[:-1]
+            initial = self._initial.match(tok) is not None
+            if initial or kind == "##number##":
+                if nxt in _PUNKT_PUNCTUATION or nxt[0].islower() or (initial and nxt[0].isupper()):
+                    continue
+            return True
+        return False
 
     def _decide(self, text, match, word_start, word_stop, last_break, slices) -> int:
         context = text[word_start:word_stop] + match.group() + match.group("after_tok")
