@@ -75,8 +75,7 @@ class _Punkt:
     nltk 3.9.1's `PunktSentenceTokenizer`. The decisions are Punkt's own (its regexes and its
     `text_contains_sentbreak`, memoised: a pure function of a short context string such as
     "it. The", which recurs throughout a corpus); only the generator plumbing around them is
-    replaced by one loop, and Punkt's char-by-char search for the word before a candidate by
-    `str.rfind`. Same ends, character for character (checked against nltk in the tests).
+    replaced by one loop. Same ends, character for character (checked against nltk in the tests).
     """
 
     def __init__(self):
@@ -101,7 +100,9 @@ class _Punkt:
         prev, prev_start, prev_stop = None, 0, 0
         for match in self._candidates(text):
             at = match.start()
-            ws = max(text.rfind(c, prev_stop, at) for c in _WHITESPACE)
+            ws = at - 1  # back over the word (short) to the last whitespace, as Punkt does
+            while ws >= prev_stop and text[ws] not in _WHITESPACE:
+                ws -= 1
             start = ws + 1 if ws > prev_stop else prev_start
             if prev is not None and prev_stop <= start:
                 last_break = self._decide(text, prev, prev_start, prev_stop, last_break, slices)
