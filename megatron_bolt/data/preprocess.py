@@ -9,7 +9,10 @@ as a chunk store (`megatron_bolt.stores.chunk_store`), chunks without EOD.
 Throughput: documents travel in batches; each worker process decodes and validates its batch, then
 tokenizes it with one call into the tokenizer's native batch encoder, and sends back one flat int32
 array per batch. Results are consumed in submission order, so the output is byte-identical for any
-number of workers. Each worker runs its tokenizer on one thread: `workers` is the number of cores used.
+number of workers. Each worker runs its tokenizer on one thread (`workers` is the number of tokenizing
+cores) while this process reads the input and writes the outputs; the workers' thread settings live
+in their own environment, never in the caller's. A `BatchEncoder` (settings only) travels with each
+batch; each worker process loads its tokenizer once (`_worker_tokenizer`).
 
 Bad records are skipped and counted per reason (the first few file:line references kept for the
 summary); `strict` turns the first one into a `UserError`. Everything is written under temporary names
