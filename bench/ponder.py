@@ -81,7 +81,7 @@ def main() -> None:
     runs = {
         f"(a) vanilla, {args.layers} layers": ["model.type=gpt", f"model.num_layers={args.layers}"],
         f"(b) ponder K=1, {args.layers} layers": ["model.type=ponder", f"model.num_layers={args.layers}",
-                                                  "model.latents_per_token=1", "model.jacobi_iters=[2,3]"],
+                                                  "ponder.latents_per_token=1", "ponder.jacobi_iters=[2,3]"],
         f"(c) vanilla, {2 * args.layers} layers": ["model.type=gpt", f"model.num_layers={2 * args.layers}"],
     }
     print("| model | val NLL/byte | s/step (train) | wall s | steps x tokens |\n|---|---|---|---|---|")

@@ -9,6 +9,7 @@ Unknown keys, wrong types and inconsistent shapes are `UserError`s naming the ke
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import signal
 import types
@@ -22,10 +23,12 @@ import yaml
 
 from megatron_bolt.errors import UserError
 
+_SIGNALS = {s.name for s in signal.Signals} - {"SIGKILL", "SIGSTOP"}
+
 
 @dataclass
 class ModelConfig:
-    type: str = "gpt"  # "gpt" (Llama-style) or "ponder" (continuous latent thoughts)
+    type: Literal["gpt", "ponder"] = "gpt"  # "gpt" (Llama-style) or "ponder" (latent thoughts: see `ponder:`)
     num_layers: int = 2
     hidden_size: int = 64
     num_attention_heads: int = 4
@@ -44,29 +47,25 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     make_vocab_divisible_by: int = 128
-    transformer_impl: str = "auto"  # "auto" (TE when importable, on GPU), "local", "transformer_engine"
+    transformer_impl: Literal["auto", "local", "transformer_engine"] = "auto"  # auto: TE when importable, on GPU
     # FP8 through Transformer Engine (Megatron's --fp8-format, --fp8-recipe, --fp8-amax-*; same defaults)
-    fp8: str | None = None  # --fp8-format: None, "hybrid" or "e4m3"
-    fp8_recipe: str = "delayed"  # delayed | tensorwise | mxfp8 (Blackwell) | blockwise
+    fp8: Literal["hybrid", "e4m3"] | None = None  # --fp8-format
+    fp8_recipe: Literal["delayed", "tensorwise", "mxfp8", "blockwise"] = "delayed"  # mxfp8: Blackwell
     fp8_margin: int = 0
     fp8_amax_history_len: int = 1  # delayed recipe only
-    fp8_amax_compute_algo: str = "most_recent"  # delayed recipe only: most_recent | max
+    fp8_amax_compute_algo: Literal["most_recent", "max"] = "most_recent"  # delayed recipe only
     fp8_wgrad: bool = True  # false: weight gradients in higher precision
     # activation recomputation (Megatron's --recompute-granularity/-method/-num-layers/-modules)
-    recompute_granularity: str | None = None  # None, "selective" or "full"
-    recompute_method: str | None = None  # full only: "uniform" or "block"
+    recompute_granularity: Literal["selective", "full"] | None = None
+    recompute_method: Literal["uniform", "block"] | None = None  # full only
     recompute_num_layers: int | None = None  # full only: layers per unit (uniform) / per stage (block)
-    recompute_modules: list[str] = field(default_factory=lambda: ["core_attn"])  # selective only
+    # selective only; the dense-Llama subset of megatron-core's recompute_modules
+    recompute_modules: list[Literal["core_attn", "mlp", "layernorm"]] = field(default_factory=lambda: ["core_attn"])
     # fused kernels: None = on when this machine has the kernel (megatron_bolt.models.gpt.fused_kernels)
     gradient_accumulation_fusion: bool | None = None
     bias_dropout_fusion: bool | None = None
     masked_softmax_fusion: bool | None = None
     apply_rope_fusion: bool | None = None
-    # ponder (continuous latent thoughts), ignored for type "gpt"
-    latents_per_token: int = 1
-    jacobi_iters: list[int] = field(default_factory=lambda: [2, 3])
-    eval_jacobi_iters: int = 3
-    embed_scale: float | None = None  # None = sqrt(2.5 * hidden) as in the reference
 
     @property
     def kv_heads(self) -> int:
@@ -91,6 +90,42 @@ class ModelConfig:
         multiple = self.make_vocab_divisible_by * tp
         return ((self.vocab_size + multiple - 1) // multiple) * multiple
 
+    def problems(self) -> Iterator[tuple[str, str]]:
+        sizes = ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "seq_len", "make_vocab_divisible_by")
+        small = [(key, getattr(self, key)) for key in sizes if getattr(self, key) < 1]
+        small += [(key, getattr(self, key)) for key in ("num_query_groups", "ffn_hidden_size")
+                  if getattr(self, key) is not None and getattr(self, key) < 1]
+        if small:  # the shape checks below divide by these
+            yield small[0][0], f"expected >= 1, got {small[0][1]}"
+            return
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
+            yield "num_attention_heads", (f"{self.num_attention_heads} must divide model.hidden_size "
+                                          f"({self.hidden_size}), or set model.kv_channels")
+        if self.kv_channels is not None and self.kv_channels < 2:
+            yield "kv_channels", f"expected >= 2 or null, got {self.kv_channels}"
+        elif self.num_attention_heads % self.kv_heads:
+            yield "num_query_groups", f"{self.kv_heads} must divide model.num_attention_heads ({self.num_attention_heads})"
+        elif self.head_dim % 2:
+            yield "kv_channels", f"the head dim ({self.head_dim}: model.kv_channels or hidden/heads) must be even for RoPE"
+        if self.rope_scaling_factor is not None and self.rope_scaling_factor < 1:
+            yield "rope_scaling_factor", f"expected >= 1 or null, got {self.rope_scaling_factor}"
+        if self.max_position_embeddings is not None and self.max_position_embeddings < 1:
+            yield "max_position_embeddings", f"expected >= 1 or null, got {self.max_position_embeddings}"
+        if self.fp8_amax_history_len < 1:
+            yield "fp8_amax_history_len", f"expected >= 1, got {self.fp8_amax_history_len}"
+        if self.fp8 and self.transformer_impl == "local":
+            yield "fp8", (f"{self.fp8!r} needs the Transformer Engine layer spec; model.transformer_impl=local "
+                          "has no FP8 (use auto or transformer_engine)")
+        # Megatron-LM's rules for --recompute-granularity/-method/-num-layers (the range of
+        # recompute_num_layers depends on parallel.pp: validate)
+        if self.recompute_granularity == "full":
+            if self.recompute_method is None or self.recompute_num_layers is None:
+                yield "recompute_granularity", ("full needs model.recompute_method (uniform|block) "
+                                                "and model.recompute_num_layers")
+        elif self.recompute_method is not None or self.recompute_num_layers is not None:
+            yield "recompute_method", ("model.recompute_method and model.recompute_num_layers apply to "
+                                       f"recompute_granularity=full only (it is {self.recompute_granularity!r})")
+
 
 @dataclass
 class ParallelConfig:
@@ -105,6 +140,13 @@ class ParallelConfig:
     overlap_grad_reduce: bool = False  # --overlap-grad-reduce: DP reduce-scatter in backward
     overlap_param_gather: bool = False  # --overlap-param-gather: needs train.distributed_optimizer
 
+    def problems(self) -> Iterator[tuple[str, str]]:
+        for key in ("tp", "pp", "cp"):
+            if getattr(self, key) < 1:
+                yield key, f"expected >= 1, got {getattr(self, key)}"
+        if self.vp is not None and (self.vp < 1 or self.pp < 2):
+            yield "vp", f"{self.vp} needs parallel.pp > 1 and vp >= 1 (or vp=null)"
+
 
 @dataclass
 class TrainConfig:
@@ -115,9 +157,9 @@ class TrainConfig:
     min_lr: float = 3e-4
     warmup: int = 10
     # Megatron's --lr-decay-style / --lr-decay-iters / --lr-wsd-decay-style / --lr-wsd-decay-iters
-    lr_decay_style: str = "cosine"  # cosine | linear | WSD | constant | inverse-square-root
+    lr_decay_style: Literal["cosine", "linear", "WSD", "constant", "inverse-square-root"] = "cosine"
     lr_decay_iters: int | None = None  # None = train.steps
-    lr_wsd_decay_style: str = "exponential"  # WSD's final decay: exponential | linear | cosine | minus_sqrt
+    lr_wsd_decay_style: Literal["exponential", "linear", "cosine", "minus_sqrt"] = "exponential"  # WSD's final decay
     lr_wsd_decay_iters: int | None = None  # WSD: length of the final decay (required for WSD)
     weight_decay: float = 0.01
     clip_grad: float = 1.0
@@ -140,6 +182,46 @@ class TrainConfig:
     # not from the checkpoint. false = --use-checkpoint-opt_param-scheduler.
     override_opt_param_scheduler: bool = True
 
+    def problems(self) -> Iterator[tuple[str, str]]:
+        if self.steps < 0:
+            yield "steps", f"expected >= 0, got {self.steps}"
+        if self.micro_batch < 1:
+            yield "micro_batch", f"expected >= 1, got {self.micro_batch}"
+        elif self.global_batch % self.micro_batch or self.global_batch < 1:
+            yield "micro_batch", f"{self.micro_batch} must divide train.global_batch ({self.global_batch})"
+        if self.exit_signal not in _SIGNALS:
+            yield "exit_signal", f"expected a signal name such as SIGTERM or SIGUSR1, got {self.exit_signal!r}"
+        if self.exit_duration_mins is not None and self.exit_duration_mins <= 0:
+            yield "exit_duration_mins", f"expected > 0 or null, got {self.exit_duration_mins}"
+        if self.eval_interval < 0:
+            yield "eval_interval", f"expected >= 0, got {self.eval_interval}"
+        if self.eval_iters < 1:
+            yield "eval_iters", f"expected >= 1, got {self.eval_iters}"
+        yield from self._schedule_problems()
+        if self.adam_eps <= 0:
+            yield "adam_eps", f"expected > 0, got {self.adam_eps}"
+        for key in ("adam_beta1", "adam_beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                yield key, f"expected a value in [0, 1), got {getattr(self, key)}"
+        if self.peak_tflops is not None and self.peak_tflops <= 0:
+            yield "peak_tflops", f"expected > 0 or null, got {self.peak_tflops}"
+
+    def _schedule_problems(self) -> Iterator[tuple[str, str]]:
+        """Megatron-LM's learning-rate schedule rules (OptimizerParamScheduler)."""
+        if not 0 <= self.min_lr <= self.lr:
+            yield "min_lr", f"{self.min_lr} must be between 0 and train.lr ({self.lr})"
+        if self.warmup < 0:
+            yield "warmup", f"expected >= 0, got {self.warmup}"
+        if self.lr_decay_iters is not None and self.lr_decay_iters < 1:
+            yield "lr_decay_iters", f"expected >= 1 or null, got {self.lr_decay_iters}"
+        decay = self.lr_decay_iters if self.lr_decay_iters is not None else self.steps
+        if self.lr_decay_style == "WSD":
+            if self.lr_wsd_decay_iters is None:
+                yield "lr_decay_style", "WSD needs train.lr_wsd_decay_iters (the length of the final decay)"
+            elif not 1 <= self.lr_wsd_decay_iters <= decay - self.warmup:
+                yield "lr_wsd_decay_iters", (f"expected 1..{decay - self.warmup} (decay iterations after warmup), "
+                                             f"got {self.lr_wsd_decay_iters}")
+
 
 @dataclass
 class DataConfig:
@@ -159,6 +241,10 @@ class DataConfig:
     def uses_mock(self) -> bool:
         return self.mock and not self.prefixes
 
+    def problems(self) -> Iterator[tuple[str, str]]:
+        if self.num_workers < 0:
+            yield "num_workers", f"expected >= 0, got {self.num_workers}"
+
 
 @dataclass
 class CheckpointConfig:
@@ -172,6 +258,33 @@ class CheckpointConfig:
     optim_fully_reshardable: bool = False
     async_save: bool = False  # --async-save: write in a background process while training goes on
 
+    def problems(self) -> Iterator[tuple[str, str]]:
+        if self.save_interval < 0:
+            yield "save_interval", f"expected >= 0 (0: only at the end), got {self.save_interval}"
+
+
+@dataclass
+class PonderConfig:
+    """PonderLM-2's continuous latent thoughts (models.ponder); read only when model.type is ponder."""
+
+    latents_per_token: int = 1  # K latent slots after every token
+    jacobi_iters: list[int] = field(default_factory=lambda: [2, 3])  # training: J drawn per micro-batch
+    eval_jacobi_iters: int = 3  # J in eval mode (and the HF export's default)
+    embed_scale: float | None = None  # token-embedding multiplier; None = sqrt(2.5 * hidden) as in the reference
+
+    def scale(self, hidden_size: int) -> float:
+        return self.embed_scale or math.sqrt(2.5 * hidden_size)
+
+    def problems(self) -> Iterator[tuple[str, str]]:
+        if self.latents_per_token < 1:
+            yield "latents_per_token", f"expected >= 1, got {self.latents_per_token}"
+        if not self.jacobi_iters or any(j < 0 for j in self.jacobi_iters):
+            yield "jacobi_iters", f"expected a non-empty list of values >= 0, got {self.jacobi_iters}"
+        if self.eval_jacobi_iters < 0:
+            yield "eval_jacobi_iters", f"expected >= 0, got {self.eval_jacobi_iters}"
+        if self.embed_scale is not None and self.embed_scale <= 0:
+            yield "embed_scale", f"expected > 0 or null, got {self.embed_scale}"
+
 
 @dataclass
 class RunConfig:
@@ -180,6 +293,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    ponder: PonderConfig = field(default_factory=PonderConfig)
     output_dir: str = "runs/default"
 
     @property
@@ -419,12 +533,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         if value is None:
             return None
         return _coerce(value, args[0], key)
-    if hint is Any:
-        return value
-    if origin is typing.Literal:
-        choices = typing.get_args(hint)
-        if value not in choices:
-            raise UserError(f"config key '{key}': expected one of {', '.join(map(repr, choices))}, got {value!r}")
+    if hint is Any or origin is typing.Literal:  # a Literal's choices: check_section, for every section
         return value
     if origin is list:
         if not isinstance(value, list):
@@ -461,6 +570,8 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
+        if f"{prefix}{key}" in MOVED_KEYS:
+            raise UserError(f"config key '{prefix}{key}' has moved: write it as '{MOVED_KEYS[prefix + key]}'")
         if key not in names:
             raise UserError(f"unknown config key '{prefix}{key}' (valid: {', '.join(sorted(names))})")
         hint = hints[key]
@@ -474,9 +585,62 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
 
 
 def check_section(section: Any, prefix: str = "") -> None:
-    """A section's own checks (its `problems()`), the first one as a one-line error naming the key."""
-    for key, message in getattr(section, "problems", lambda: ())():
+    """A section's own checks, the first one as a one-line error naming the key: every `Literal`
+    field holds one of its choices, then the section's `problems()`."""
+    for key, message in section_problems(section):
         raise UserError(f"config key '{prefix}{key}': {message}")
+
+
+def section_problems(section: Any) -> Iterator[tuple[str, str]]:
+    """(field, message) for everything wrong inside one section (not across sections)."""
+    yield from _choice_problems(section)
+    yield from getattr(section, "problems", lambda: ())()
+
+
+def _choice_problems(section: Any) -> Iterator[tuple[str, str]]:
+    hints = typing.get_type_hints(type(section))
+    for f in dataclasses.fields(section):
+        choices, optional, is_list = _choices(hints[f.name])
+        if not choices:
+            continue
+        value = getattr(section, f.name)
+        items = list(enumerate(value)) if is_list and isinstance(value, list) else [(None, value)]
+        for i, item in items:
+            if item is None and optional:
+                continue
+            if item not in choices:
+                shown = ", ".join(["null"] * optional + [repr(c) for c in choices])
+                yield (f.name if i is None else f"{f.name}[{i}]"), f"expected one of {shown}, got {item!r}"
+
+
+def _choices(hint: Any) -> tuple[tuple, bool, bool]:
+    """(Literal choices, None allowed, a list of them) of an annotation; no choices: not a Literal."""
+    optional = is_list = False
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional, hint = len(args) < len(typing.get_args(hint)), args[0]
+    if typing.get_origin(hint) is list:
+        is_list, hint = True, (typing.get_args(hint) or (Any,))[0]
+    if typing.get_origin(hint) is typing.Literal:
+        return typing.get_args(hint), optional, is_list
+    return (), optional, is_list
+
+
+# Keys that moved to another section. The old spelling is an error that says where the key went;
+# run configs saved in checkpoints before the move are read with the keys moved (upgrade_saved_tree).
+MOVED_KEYS = {f"model.{key}": f"ponder.{key}"
+              for key in ("latents_per_token", "jacobi_iters", "eval_jacobi_iters", "embed_scale")}
+
+
+def upgrade_saved_tree(tree: dict[str, Any]) -> dict[str, Any]:
+    """A run config as an earlier version saved it, with MOVED_KEYS at their new places."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in tree.items()}
+    for old, new in MOVED_KEYS.items():
+        (old_section, old_key), (new_section, new_key) = old.split("."), new.split(".")
+        if isinstance(out.get(old_section), dict) and old_key in out[old_section]:
+            value = out[old_section].pop(old_key)
+            out.setdefault(new_section, {}).setdefault(new_key, value)
+    return out
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -529,135 +693,46 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return cfg
 
 
-_SIGNALS = {s.name for s in signal.Signals} - {"SIGKILL", "SIGSTOP"}
-
-
 def validate(cfg: RunConfig, world_size: int | None = None) -> None:
-    """Shape and parallelism checks; `world_size` adds the data-parallel checks."""
+    """Every section's own checks, then the ones across sections; `world_size` adds the
+    data-parallel checks. The first problem is raised as a one-line `UserError`."""
+    for f in dataclasses.fields(cfg):
+        section = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(section):
+            check_section(section, f"{f.name}.")
+    for message in _cross_section_problems(cfg, world_size):
+        raise UserError(message)
+
+
+def _cross_section_problems(cfg: RunConfig, world_size: int | None) -> Iterator[str]:
     m, par, t = cfg.model, cfg.parallel, cfg.train
-    if m.type not in ("gpt", "ponder"):
-        raise UserError(f"model.type: expected 'gpt' or 'ponder', got {m.type!r}")
-    if m.kv_channels is None and m.hidden_size % m.num_attention_heads:
-        raise UserError(
-            f"model.num_attention_heads ({m.num_attention_heads}) must divide model.hidden_size ({m.hidden_size}), "
-            "or set model.kv_channels"
-        )
-    if m.kv_channels is not None and m.kv_channels < 2:
-        raise UserError(f"model.kv_channels must be >= 2, got {m.kv_channels}")
-    if m.num_attention_heads % m.kv_heads:
-        raise UserError(
-            f"model.num_query_groups ({m.kv_heads}) must divide model.num_attention_heads ({m.num_attention_heads})"
-        )
-    if m.head_dim % 2:
-        raise UserError(f"the head dim ({m.head_dim}: model.kv_channels or hidden/heads) must be even for RoPE")
-    if m.rope_scaling_factor is not None and m.rope_scaling_factor < 1:
-        raise UserError(f"model.rope_scaling_factor must be >= 1 (or null), got {m.rope_scaling_factor}")
-    if m.max_position_embeddings is not None and m.max_position_embeddings < 1:
-        raise UserError(f"model.max_position_embeddings must be >= 1 (or null), got {m.max_position_embeddings}")
-    if par.tp < 1 or par.pp < 1:
-        raise UserError("parallel.tp and parallel.pp must be >= 1")
     if m.num_attention_heads % par.tp:
-        raise UserError(f"parallel.tp ({par.tp}) must divide model.num_attention_heads ({m.num_attention_heads})")
+        yield f"parallel.tp ({par.tp}) must divide model.num_attention_heads ({m.num_attention_heads})"
     if m.kv_heads % par.tp:
-        raise UserError(f"parallel.tp ({par.tp}) must divide the KV heads (model.num_query_groups = {m.kv_heads})")
+        yield f"parallel.tp ({par.tp}) must divide the KV heads (model.num_query_groups = {m.kv_heads})"
     if m.ffn % par.tp:
-        raise UserError(f"parallel.tp ({par.tp}) must divide the FFN size ({m.ffn})")
+        yield f"parallel.tp ({par.tp}) must divide the FFN size ({m.ffn})"
     if m.num_layers % par.pp:
-        raise UserError(f"parallel.pp ({par.pp}) must divide model.num_layers ({m.num_layers})")
+        yield f"parallel.pp ({par.pp}) must divide model.num_layers ({m.num_layers})"
     if par.vp is not None:
-        if par.vp < 1 or par.pp < 2:
-            raise UserError(f"parallel.vp ({par.vp}) needs parallel.pp > 1 and vp >= 1 (or vp=null)")
         if m.num_layers % (par.pp * par.vp):
-            raise UserError(f"parallel.pp * parallel.vp ({par.pp}*{par.vp}) must divide model.num_layers ({m.num_layers})")
+            yield f"parallel.pp * parallel.vp ({par.pp}*{par.vp}) must divide model.num_layers ({m.num_layers})"
         if m.type == "ponder":
-            raise UserError("parallel.vp: the ponder model has its own pipeline schedule; use vp=null")
+            yield "parallel.vp: the ponder model has its own pipeline schedule; use vp=null"
     if par.overlap_param_gather and not t.distributed_optimizer:
-        raise UserError("parallel.overlap_param_gather needs train.distributed_optimizer=true (as in Megatron-LM)")
-    if t.exit_signal not in _SIGNALS:
-        raise UserError(f"train.exit_signal: expected a signal name such as SIGTERM or SIGUSR1, got {t.exit_signal!r}")
-    if t.exit_duration_mins is not None and t.exit_duration_mins <= 0:
-        raise UserError(f"train.exit_duration_mins: expected > 0 or null, got {t.exit_duration_mins}")
-    if t.eval_interval < 0 or t.eval_iters < 1:
-        raise UserError("train.eval_interval must be >= 0 and train.eval_iters >= 1")
-    if m.transformer_impl not in ("auto", "local", "transformer_engine"):
-        raise UserError(f"model.transformer_impl: expected auto|local|transformer_engine, got {m.transformer_impl!r}")
-    _validate_precision(m)
-    _validate_recompute(m, par)
-    _validate_schedule(t)
-    if par.cp < 1:
-        raise UserError(f"parallel.cp: expected >= 1, got {par.cp}")
+        yield "parallel.overlap_param_gather needs train.distributed_optimizer=true (as in Megatron-LM)"
+    per_stage = m.num_layers // par.pp
+    if m.recompute_granularity == "full" and not 1 <= m.recompute_num_layers <= per_stage:
+        yield (f"config key 'model.recompute_num_layers': expected 1..{per_stage} "
+               f"(layers per pipeline stage), got {m.recompute_num_layers}")
     if par.cp > 1 and m.transformer_impl == "local":
-        raise UserError("parallel.cp > 1 needs Transformer Engine's attention; model.transformer_impl=local has none")
+        yield "parallel.cp > 1 needs Transformer Engine's attention; model.transformer_impl=local has none"
     if par.cp > 1 and m.seq_len % (2 * par.cp):
-        raise UserError(f"model.seq_len ({m.seq_len}) must be divisible by 2 * parallel.cp ({2 * par.cp})")
-    if t.global_batch % t.micro_batch:
-        raise UserError(f"train.micro_batch ({t.micro_batch}) must divide train.global_batch ({t.global_batch})")
-    if m.type == "ponder" and (m.latents_per_token < 1 or not m.jacobi_iters):
-        raise UserError("ponder models need model.latents_per_token >= 1 and a non-empty model.jacobi_iters")
+        yield f"model.seq_len ({m.seq_len}) must be divisible by 2 * parallel.cp ({2 * par.cp})"
     if world_size is not None:
         model_parallel = par.tp * par.pp * par.cp
         if world_size % model_parallel:
-            raise UserError(f"world size {world_size} is not divisible by tp*pp*cp = {model_parallel}")
-        dp = world_size // model_parallel
-        if t.global_batch % (t.micro_batch * dp):
-            raise UserError(
-                f"train.global_batch ({t.global_batch}) must be divisible by micro_batch*data_parallel "
-                f"({t.micro_batch}*{dp})"
-            )
-
-
-def _one_of(key: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        shown = ", ".join("null" if c is None else repr(c) for c in choices)
-        raise UserError(f"config key '{key}': expected one of {shown}, got {value!r}")
-
-
-def _validate_precision(m: ModelConfig) -> None:
-    _one_of("model.fp8", m.fp8, (None, "hybrid", "e4m3"))
-    _one_of("model.fp8_recipe", m.fp8_recipe, ("delayed", "tensorwise", "mxfp8", "blockwise"))
-    _one_of("model.fp8_amax_compute_algo", m.fp8_amax_compute_algo, ("most_recent", "max"))
-    if m.fp8_amax_history_len < 1:
-        raise UserError(f"config key 'model.fp8_amax_history_len': expected >= 1, got {m.fp8_amax_history_len}")
-    if m.fp8 and m.transformer_impl == "local":
-        raise UserError(f"model.fp8={m.fp8!r} needs the Transformer Engine layer spec; "
-                        "model.transformer_impl=local has no FP8 (use auto or transformer_engine)")
-
-
-def _validate_recompute(m: ModelConfig, par: ParallelConfig) -> None:
-    """Megatron-LM's rules for --recompute-granularity/-method/-num-layers, checked before any model exists."""
-    _one_of("model.recompute_granularity", m.recompute_granularity, (None, "selective", "full"))
-    _one_of("model.recompute_method", m.recompute_method, (None, "uniform", "block"))
-    allowed = ("core_attn", "mlp", "layernorm")  # the dense-Llama subset of megatron-core's recompute_modules
-    for name in m.recompute_modules:
-        _one_of("model.recompute_modules[]", name, allowed)
-    per_stage = m.num_layers // max(par.pp, 1)
-    if m.recompute_granularity == "full":
-        if m.recompute_method is None or m.recompute_num_layers is None:
-            raise UserError("model.recompute_granularity=full needs model.recompute_method (uniform|block) "
-                            "and model.recompute_num_layers")
-        if not 1 <= m.recompute_num_layers <= per_stage:
-            raise UserError(f"config key 'model.recompute_num_layers': expected 1..{per_stage} "
-                            f"(layers per pipeline stage), got {m.recompute_num_layers}")
-    elif m.recompute_method is not None or m.recompute_num_layers is not None:
-        raise UserError("model.recompute_method and model.recompute_num_layers apply to "
-                        f"recompute_granularity=full only (it is {m.recompute_granularity!r})")
-
-
-def _validate_schedule(t: TrainConfig) -> None:
-    _one_of("train.lr_decay_style", t.lr_decay_style, ("cosine", "linear", "WSD", "constant", "inverse-square-root"))
-    _one_of("train.lr_wsd_decay_style", t.lr_wsd_decay_style, ("exponential", "linear", "cosine", "minus_sqrt"))
-    decay = t.lr_decay_iters if t.lr_decay_iters is not None else t.steps
-    if not 0 <= t.min_lr <= t.lr:
-        raise UserError(f"train.min_lr ({t.min_lr}) must be between 0 and train.lr ({t.lr})")
-    if t.warmup < 0 or (t.lr_decay_iters is not None and t.lr_decay_iters < 1):
-        raise UserError("train.warmup must be >= 0 and train.lr_decay_iters >= 1")
-    if t.lr_decay_style == "WSD":
-        if t.lr_wsd_decay_iters is None:
-            raise UserError("train.lr_decay_style=WSD needs train.lr_wsd_decay_iters (the length of the final decay)")
-        if not 1 <= t.lr_wsd_decay_iters <= decay - t.warmup:
-            raise UserError(f"config key 'train.lr_wsd_decay_iters': expected 1..{decay - t.warmup} "
-                            f"(decay iterations after warmup), got {t.lr_wsd_decay_iters}")
-    if t.adam_eps <= 0 or not (0 <= t.adam_beta1 < 1 and 0 <= t.adam_beta2 < 1):
-        raise UserError("train.adam_eps must be > 0 and train.adam_beta1/adam_beta2 in [0, 1)")
-    if t.peak_tflops is not None and t.peak_tflops <= 0:
-        raise UserError(f"config key 'train.peak_tflops': expected > 0 or null, got {t.peak_tflops}")
+            yield f"world size {world_size} is not divisible by tp*pp*cp = {model_parallel}"
+        elif t.global_batch % (t.micro_batch * (world_size // model_parallel)):
+            yield (f"train.global_batch ({t.global_batch}) must be divisible by micro_batch*data_parallel "
+                   f"({t.micro_batch}*{world_size // model_parallel})")

@@ -82,11 +82,16 @@ def under_launcher(environ: dict[str, str] | None = None) -> bool:
     )
 
 
-def single_rank_env() -> dict[str, str]:
-    """The launcher variables of a job that is exactly one rank on this machine (what torchrun
-    would set for --nproc-per-node 1), so a stray SLURM allocation size is not mistaken for ranks."""
-    return {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": os.environ.get("MASTER_PORT") or str(_free_port())}
+def single_rank_env() -> DistEnv:
+    """A job that is exactly one rank on this machine (what torchrun gives --nproc-per-node 1), so
+    a stray SLURM allocation size is not mistaken for ranks. MASTER_PORT is honoured when set."""
+    return DistEnv(0, 1, 0, "127.0.0.1", int(os.environ.get("MASTER_PORT") or _free_port()))
+
+
+def rank_env() -> DistEnv:
+    """Where this process stands: a rank of torchrun / srun when under one (`under_launcher`),
+    otherwise the only rank (`single_rank_env`)."""
+    return detect_env() if under_launcher() else single_rank_env()
 
 
 def launch_command(argv: list[str], nproc: int = 1) -> list[str]:
@@ -157,27 +162,31 @@ def init_distributed(
     vp: int | None = None,
     gloo_process_groups: bool = True,
     cp: int = 1,
+    env: DistEnv | None = None,
 ) -> DistEnv:
     """Start torch.distributed (NCCL on GPU, gloo on CPU) and Megatron-Core's TP/PP/CP/DP groups.
 
-    Only the backend and the device depend on CUDA; the parallel state is created with the same
-    arguments either way (`gloo_process_groups` is Megatron-LM's --disable-gloo-process-groups,
-    and must be the flag the optimizer is built with: megatron_bolt.training.settings).
+    `env` says where this rank stands (default: `detect_env()` of this process's environment); the
+    ranks meet at its master address through a TCPStore (`tcp://` init; under torchrun, its agent's
+    store), so nothing is exported to `os.environ`. Only the backend and the device depend on CUDA;
+    the parallel state is created with the same arguments either way (`gloo_process_groups` is
+    Megatron-LM's --disable-gloo-process-groups, and must be the flag the optimizer is built with:
+    megatron_bolt.training.settings). Without CUDA, the entry point must have installed the CPU
+    compatibility layer first (`megatron_bolt.compat.cpu.install()`).
     """
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import random as mp_random
 
-    env = detect_env()
+    env = env or detect_env()
+    cpu_compat.require("runtime.init_distributed")
     use_cuda = torch.cuda.is_available()
-    if not use_cuda:
-        cpu_compat.install()
     if not dist.is_initialized():
-        os.environ.setdefault("MASTER_ADDR", env.master_addr)
-        os.environ.setdefault("MASTER_PORT", str(env.master_port))
         if use_cuda:
             torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+        host = f"[{env.master_addr}]" if ":" in env.master_addr else env.master_addr  # IPv6
         dist.init_process_group(
             backend="nccl" if use_cuda else "gloo",
+            init_method=f"tcp://{host}:{env.master_port}",
             rank=env.rank,
             world_size=env.world_size,
             timeout=datetime.timedelta(minutes=timeout_min),

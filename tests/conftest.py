@@ -27,6 +27,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="session")
+def megatron_cpu() -> None:
+    """For tests that run Megatron-Core in this process: the entry point's step (as in the bolt
+    commands) of entering the CPU compatibility layer; a no-op with CUDA. It stays for the session."""
+    from megatron_bolt.compat import cpu as cpu_compat
+
+    cpu_compat.install()
+
+
 def scrubbed_env(**extra: str) -> dict[str, str]:
     """This environment for a child `bolt` as a user would start it: no launcher variables
     inherited (a test runner under torchrun or SLURM must not make it a rank), one thread."""
@@ -132,6 +141,41 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.config.get_terminal_writer().line(f"\nprocesses left running by the tests (now killed):\n{listing}",
                                                    red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+# ------------------------------------------------------------------ one micro EM run for the session
+MICRO_EM_TRAIN = """
+model: {num_layers: 2, hidden_size: 32, num_attention_heads: 2, ffn_hidden_size: 64, seq_len: 128}
+train: {steps: 4, micro_batch: 4, global_batch: 4, lr: 3.0e-3, min_lr: 3.0e-4, warmup: 1, log_interval: 2}
+checkpoint: {save_interval: 2}
+"""
+# the shared run: the paper's protocol with everything on (both raw baselines, the K=1 ablation), a
+# warm start of its own length, and three iterations (README's commands name runs/demo/iter3)
+MICRO_EM_FULL = {"iterations": 3, "raw_baselines": "[tokens, flops]", "ablation_samples": "[1]"}
+
+
+def micro_em_args(tmp: Path, **extra: object) -> list[str]:
+    """`bolt em` arguments of a micro toy run into tmp/run (seconds per step); `extra` overrides."""
+    (tmp / "train.yaml").write_text(MICRO_EM_TRAIN)
+    overrides = {
+        "output_dir": str(tmp / "run"), "train_config": str(tmp / "train.yaml"), "iterations": 1,
+        "corpus.toy_warm_docs": 6, "corpus.toy_rest_docs": 6, "corpus.toy_valid_docs": 2,
+        "warmstart.train_steps": 6,
+        "estep.samples": 2, "estep.max_latent_tokens": 16, "engine.threads": 1,
+        "eval.limit": 6, "eval.shots": 2, "eval.max_new_tokens": 24, "iwae_samples": "[1, 2]",
+        **extra,
+    }
+    return [str(REPO / "examples" / "toy" / "em.yaml"), *(f"{k}={v}" for k, v in overrides.items())]
+
+
+@pytest.fixture(scope="session")
+def micro_em_run(tmp_path_factory) -> Path:
+    """One finished micro `bolt em` run (MICRO_EM_FULL), shared by the EM and README tests, which
+    only read it: the loop's most expensive part (a dozen training and export processes) runs once."""
+    tmp = tmp_path_factory.mktemp("micro_em")
+    proc = bolt("em", *micro_em_args(tmp, **MICRO_EM_FULL), timeout=1200)
+    assert "iter3 (K=2)" in proc.stdout and "iter3 (K=1)" in proc.stdout  # the final table
+    return tmp / "run"
 
 
 @pytest.fixture(scope="session")

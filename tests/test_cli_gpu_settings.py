@@ -89,8 +89,8 @@ def test_signal_saves_a_checkpoint_and_resume_loses_nothing(tmp_path, synthetic_
     steps = 30
     common = [*_common(tmp_path, synthetic_prefix), f"train.steps={steps}", *extra]
 
-    out = tmp_path / "signalled"
-    proc = _start([*common, f"output_dir={out}"], nproc)
+    out, export = tmp_path / "signalled", tmp_path / "hf"
+    proc = _start([*common, f"output_dir={out}", "--export-hf", str(export)], nproc)
     _wait_for_steps(out, 3, proc)
     if nproc == 1:
         proc.send_signal(sig)
@@ -107,13 +107,21 @@ def test_signal_saves_a_checkpoint_and_resume_loses_nothing(tmp_path, synthetic_
     assert last < steps, "the run finished before the signal"
     assert _latest(out) == last, "the checkpoint is not at the step the run stopped"
     assert "saved a checkpoint at step" in output
+    assert not export.exists(), "a stopped training was exported"
     if sig != signal.SIGTERM:
         return  # the resume is checked with SIGTERM; here: the configured signal saves and exits 0
 
     bolt("train", *common, f"output_dir={tmp_path / 'full'}", nproc=nproc)
     reference = _metrics(tmp_path / "full")
-    bolt("train", *common, f"output_dir={out}", nproc=nproc)
+    done = bolt("train", *common, f"output_dir={out}", "--export-hf", str(export), nproc=nproc)
     resumed = _metrics(out)
+    # the finished training is exported once (by rank 0), from its last step
+    assert done.stdout.count(f"exported {export}") == 1, done.stdout[-2000:]
+    from safetensors.torch import load_file
+    from transformers import AutoConfig
+
+    assert AutoConfig.from_pretrained(export).num_hidden_layers >= 1
+    assert load_file(export / "model.safetensors")
     assert sorted(resumed) == list(range(1, steps + 1))  # nothing lost, nothing duplicated
     for step, ref in reference.items():
         assert abs(resumed[step]["loss"] - ref["loss"]) <= 1e-5 * abs(ref["loss"]), step

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from conftest import TINY_CONFIG, bolt
 
@@ -25,9 +27,9 @@ def test_yaml_and_dotted_overrides():
         (["model.layers=2"], "unknown config key 'model.layers'"),
         (["train.bf16=maybe"], "config key 'train.bf16': expected true/false"),
         (["parallel.tp=3"], "parallel.tp (3) must divide model.num_attention_heads"),
-        (["model.num_query_groups=3"], "model.num_query_groups (3) must divide"),
+        (["model.num_query_groups=3"], "config key 'model.num_query_groups': 3 must divide model.num_attention_heads (4)"),
         (["parallel.pp=3"], "parallel.pp (3) must divide model.num_layers"),
-        (["train.global_batch=6"], "train.micro_batch (4) must divide train.global_batch (6)"),
+        (["train.global_batch=6"], "config key 'train.micro_batch': 4 must divide train.global_batch (6)"),
         (["model.fp8=e5m2"], "config key 'model.fp8': expected one of null, 'hybrid', 'e4m3', got 'e5m2'"),
         (["model.fp8=hybrid", "model.transformer_impl=local"], "needs the Transformer Engine layer spec"),
         (["model.fp8_recipe=fancy"], "config key 'model.fp8_recipe': expected one of 'delayed', 'tensorwise'"),
@@ -36,7 +38,7 @@ def test_yaml_and_dotted_overrides():
          "'model.recompute_num_layers': expected 1..2"),
         (["model.recompute_method=uniform"], "apply to recompute_granularity=full only"),
         (["model.recompute_granularity=selective", "model.recompute_modules=[moe]"],
-         "'model.recompute_modules[]': expected one of 'core_attn'"),
+         "'model.recompute_modules[0]': expected one of 'core_attn', 'mlp', 'layernorm', got 'moe'"),
         (["train.lr_decay_style=WSD"], "needs train.lr_wsd_decay_iters"),
         (["train.lr_decay_style=step"], "'train.lr_decay_style': expected one of 'cosine'"),
         (["parallel.cp=2", "model.transformer_impl=local"], "parallel.cp > 1 needs Transformer Engine"),
@@ -110,10 +112,10 @@ def test_numbers_as_typed_on_the_command_line_and_in_yaml(tmp_path, text, value)
     "overrides, message",
     [
         (["train.lr=1e-4x"], "config key 'train.lr': expected a number"),
-        (["train.min_lr=-1e-5"], "train.min_lr (-1e-05) must be between 0 and train.lr"),
+        (["train.min_lr=-1e-5"], "config key 'train.min_lr': -1e-05 must be between 0 and train.lr"),
         (["train.steps=1.5"], "config key 'train.steps': expected an integer"),
-        (["train.exit_signal=SIGFOO"], "train.exit_signal: expected a signal name"),
-        (["parallel.vp=2"], "parallel.vp (2) needs parallel.pp > 1"),
+        (["train.exit_signal=SIGFOO"], "config key 'train.exit_signal': expected a signal name"),
+        (["parallel.vp=2"], "config key 'parallel.vp': 2 needs parallel.pp > 1"),
         (["parallel.pp=2", "parallel.vp=2"], "parallel.pp * parallel.vp (2*2) must divide model.num_layers (2)"),
         (["parallel.overlap_param_gather=true"], "needs train.distributed_optimizer=true"),
     ],
@@ -136,3 +138,121 @@ def test_package_metadata_takes_a_torch_range_and_make_setup_pins_it():
     torch_req = [r for r in requires if r.startswith("torch")]
     assert torch_req and "==" not in torch_req[0] and ">=" in torch_req[0], torch_req
     assert "pip install -q torch==2.13.0" in (REPO / "Makefile").read_text()
+
+
+def test_ponder_section_and_the_old_spelling_under_model(tmp_path):
+    from conftest import REPO
+
+    cfg = load_config(REPO / "examples/ponder/config.yaml", ["ponder.latents_per_token=2", "ponder.embed_scale=1.5"])
+    assert cfg.model.type == "ponder" and cfg.ponder.latents_per_token == 2 and cfg.ponder.jacobi_iters == [2, 3]
+    assert cfg.ponder.scale(cfg.model.hidden_size) == 1.5
+    assert load_config(TINY_CONFIG).ponder.scale(64) == pytest.approx((2.5 * 64) ** 0.5)  # the reference's default
+    with pytest.raises(UserError) as err:
+        load_config(TINY_CONFIG, ["model.jacobi_iters=[4]"])
+    assert str(err.value) == "config key 'model.jacobi_iters' has moved: write it as 'ponder.jacobi_iters'"
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  type: ponder\n  latents_per_token: 2\n")
+    with pytest.raises(UserError, match="'model.latents_per_token' has moved: write it as 'ponder.latents_per_token'"):
+        load_config(old)
+    for override, message in [("ponder.latents_per_token=0", "'ponder.latents_per_token': expected >= 1, got 0"),
+                              ("ponder.jacobi_iters=[]", "'ponder.jacobi_iters': expected a non-empty list"),
+                              ("ponder.embed_scale=-1", "'ponder.embed_scale': expected > 0 or null")]:
+        with pytest.raises(UserError) as err:
+            load_config(TINY_CONFIG, [override])
+        assert message in str(err.value)
+
+
+def test_a_checkpoint_saved_before_the_ponder_section_reads_with_its_keys_moved(tmp_path):
+    import yaml
+
+    from megatron_bolt.config import RunConfig
+    from megatron_bolt.training.checkpoint import RUN_CONFIG, read_run_config
+
+    saved = RunConfig().to_dict()
+    del saved["ponder"]
+    saved["model"].update(type="ponder", latents_per_token=3, jacobi_iters=[1], eval_jacobi_iters=5, embed_scale=2.0)
+    (tmp_path / RUN_CONFIG).write_text(yaml.safe_dump(saved))
+    cfg = read_run_config(tmp_path)
+    assert cfg.model.type == "ponder"
+    assert (cfg.ponder.latents_per_token, cfg.ponder.jacobi_iters, cfg.ponder.eval_jacobi_iters,
+            cfg.ponder.embed_scale) == (3, [1], 5, 2.0)
+
+
+def test_sections_built_in_code_are_checked_by_validate():
+    """validate() runs every section's own checks (Literal choices included), not only YAML loading."""
+    from megatron_bolt.config import (
+        ModelConfig,
+        ParallelConfig,
+        PonderConfig,
+        RunConfig,
+        TrainConfig,
+        section_problems,
+    )
+
+    validate(RunConfig())
+    cases = [
+        (RunConfig(model=ModelConfig(fp8="e5m2")), "config key 'model.fp8': expected one of null, 'hybrid', 'e4m3'"),
+        (RunConfig(model=ModelConfig(recompute_modules=["mlp", "moe"])), "'model.recompute_modules[1]'"),
+        (RunConfig(parallel=ParallelConfig(cp=0)), "config key 'parallel.cp': expected >= 1, got 0"),
+        (RunConfig(model=ModelConfig(num_attention_heads=0)), "config key 'model.num_attention_heads': expected >= 1"),
+        (RunConfig(model=ModelConfig(num_query_groups=0)), "config key 'model.num_query_groups': expected >= 1"),
+        (RunConfig(train=TrainConfig(lr_decay_style="step")), "'train.lr_decay_style': expected one of 'cosine'"),
+        (RunConfig(ponder=PonderConfig(latents_per_token=0)), "'ponder.latents_per_token': expected >= 1"),
+        # across sections, after each section's own checks
+        (RunConfig(parallel=ParallelConfig(tp=3)), "parallel.tp (3) must divide model.num_attention_heads (4)"),
+    ]
+    for cfg, message in cases:
+        with pytest.raises(UserError) as err:
+            validate(cfg)
+        assert message in str(err.value)
+    # a section lists all its problems, each naming its own field
+    fields = [key for key, _ in section_problems(TrainConfig(micro_batch=0, eval_iters=0, adam_beta2=1.0))]
+    assert fields == ["micro_batch", "eval_iters", "adam_beta2"]
+
+
+def test_a_lone_process_in_a_batch_allocation_is_the_only_rank(monkeypatch):
+    """sbatch's batch step has SLURM_PROCID/SLURM_NTASKS but no SLURM_STEP_ID: not a rank of
+    SLURM_NTASKS, and rank_env() says so without touching os.environ."""
+    from megatron_bolt import runtime
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_STEP_ID"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("SLURM_PROCID", "0")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[001-002]")
+    before = dict(os.environ)
+    env = runtime.rank_env()
+    assert (env.rank, env.world_size, env.master_addr) == (0, 1, "127.0.0.1")
+    monkeypatch.setenv("SLURM_STEP_ID", "0")  # under srun: a rank of the step
+    assert runtime.rank_env().world_size == 8 and runtime.rank_env().master_addr == "gpu001"
+    monkeypatch.delenv("SLURM_STEP_ID")
+    assert dict(os.environ) == before
+
+
+def test_init_distributed_writes_no_environment_and_needs_the_cpu_layer_entered(monkeypatch):
+    import torch
+    import torch.distributed as dist
+    from conftest import free_port
+
+    from megatron_bolt import runtime
+    from megatron_bolt.compat import cpu as cpu_compat
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    # library code does not enter the CPU layer itself: without CUDA and without install(), an error
+    monkeypatch.setattr(cpu_compat, "_installed", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"call megatron_bolt.compat.cpu.install\(\) first"):
+        runtime.init_distributed(env=runtime.DistEnv(0, 1, 0, "127.0.0.1", free_port()))
+    monkeypatch.undo()
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    cpu_compat.install()
+    before = dict(os.environ)
+    port = free_port()
+    try:
+        env = runtime.init_distributed(env=runtime.DistEnv(0, 1, 0, "127.0.0.1", port))
+        assert env.master_port == port and dist.get_world_size() == 1
+    finally:
+        runtime.shutdown()
+    assert dict(os.environ) == before  # the rendezvous address went to init_process_group, not to os.environ

@@ -20,6 +20,8 @@ from megatron_bolt.convert.hf_to_mcore import convert_hf_to_mcore
 from megatron_bolt.convert.mcore_to_hf import convert_mcore_to_hf
 from megatron_bolt.errors import UserError
 
+pytestmark = pytest.mark.usefixtures("megatron_cpu")  # conversion runs Megatron-Core in this process
+
 REPO = Path(__file__).resolve().parents[1]
 
 # (name, config overrides): GQA and MHA, tied and untied, odd vocabularies, bf16 storage; one per family.
@@ -352,6 +354,7 @@ _PP_CHECK = '''
 import sys
 import torch
 from megatron_bolt import runtime
+from megatron_bolt.compat import cpu as cpu_compat
 from megatron_bolt.config import ParallelConfig
 from megatron_bolt.convert import llama
 from megatron_bolt.convert.hf_to_mcore import SafetensorsReader
@@ -359,6 +362,7 @@ from megatron_bolt.models.gpt import build_gpt
 from megatron_bolt.models.init import global_name
 from megatron_bolt.training.checkpoint import load_checkpoint, read_run_config
 
+cpu_compat.install()
 ckpt, hf = sys.argv[1], sys.argv[2]
 cfg = read_run_config(ckpt).model
 cfg.transformer_impl = "local"

@@ -14,7 +14,7 @@ from transformers import LlamaForCausalLM
 
 from megatron_bolt.inference.base import derive_seed
 from megatron_bolt.inference.local import LocalEngine
-from megatron_bolt.inference.sglang import SGLangEngine
+from megatron_bolt.inference.sglang import PoolOptions, SGLangEngine
 from megatron_bolt.inference.sglang_standin import make_server
 
 VOCAB = 48
@@ -295,7 +295,7 @@ def test_sglang_engine_matches_local(servers, model_dir):
     """Same seeds, same samples, until a sample meets the model's EOS: SGLang stops there, and the
     client continues it with a derived seed, so only the stop ids end a sample (as locally)."""
     local = LocalEngine(model_dir)
-    client = SGLangEngine(servers, concurrency=8)
+    client = SGLangEngine(servers, PoolOptions(concurrency=8))
     try:
         a = local.sample(PROMPTS, 4, 20, STOP, seed=9)
         b = client.sample(PROMPTS, 4, 20, STOP, seed=9)
@@ -325,7 +325,7 @@ def test_sglang_engine_scores_ids_sglang_clips(servers, model_dir):
     """Continuations with ids >= vocab_size-1 (hf_to_mcore puts <|POSTERIOR_PREFIX|> there) score
     like locally; SGLang's 0 in their place is not a misalignment."""
     local = LocalEngine(model_dir)
-    client = SGLangEngine(servers, concurrency=4)
+    client = SGLangEngine(servers, PoolOptions(concurrency=4))
     try:
         prompts = [[0, 5, 6], [0, VOCAB - 1]]
         conts = [[VOCAB - 4, VOCAB - 1, 9, VOCAB - 2], [VOCAB - 1, 0, 3]]
@@ -339,7 +339,7 @@ def test_sglang_engine_context_and_unseeded_samples(plain_server, model_dir):
     """The client's context is the server's max_req_input_len - 1; without deterministic inference
     samples are not reproducible, but each one is exact (its log-probs are those of its tokens)."""
     local = LocalEngine(model_dir)
-    client = SGLangEngine(plain_server, concurrency=4)
+    client = SGLangEngine(plain_server, PoolOptions(concurrency=4))
     capped = SGLangEngine(plain_server, context_length=20)
     try:
         assert client.context_length == 25 and capped.context_length == 20
@@ -365,7 +365,7 @@ def test_sglang_engine_skips_dead_server(servers, model_dir):
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
-    client = SGLangEngine([dead, servers[0]], concurrency=4, backoff_s=0.01, cooldown_s=60)
+    client = SGLangEngine([dead, servers[0]], PoolOptions(concurrency=4, backoff_s=0.01, cooldown_s=60))
     try:
         out = client.sample(PROMPTS, 2, 8, STOP, seed=1)
         assert all(len(s) == 2 for s in out)

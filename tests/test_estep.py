@@ -275,6 +275,7 @@ def test_truncation_follows_the_reference():
         truncate_joint(seqs, 5, 3, 4)
 
 
+@pytest.mark.slow  # whole E-steps and IWAE runs at three context lengths
 def test_estep_truncates_to_the_context(setup, tmp_path):
     """With a context shorter than the sequences, the stored weights are those of the truncated
     sequences (cut independently here), and the totals count each kind of cut."""
@@ -321,13 +322,13 @@ def test_local_and_sglang_weigh_the_same_latents_alike(setup, tmp_path):
     E-step through a server with a short context (it would answer 400 past it) completes."""
     import threading
 
-    from megatron_bolt.inference.sglang import SGLangEngine
+    from megatron_bolt.inference.sglang import PoolOptions, SGLangEngine
     from megatron_bolt.inference.sglang_standin import make_server
 
     root, model_dir, chunks_path, _ = setup
     server, batcher = make_server(model_dir, "127.0.0.1", 0, deterministic=True, context_length=30)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    client = SGLangEngine(f"http://127.0.0.1:{server.server_address[1]}", concurrency=4)
+    client = SGLangEngine(f"http://127.0.0.1:{server.server_address[1]}", PoolOptions(concurrency=4))
     try:
         assert client.context_length == 23  # max_req_input_len (30 - 6) - 1
         chunks = ChunkStore.open(chunks_path)

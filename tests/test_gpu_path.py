@@ -22,7 +22,7 @@ FAST = ["train.warmup=1", "train.log_interval=100", "model.seq_len=64", "train.m
 
 
 @pytest.fixture
-def rank_env(monkeypatch):
+def rank_env(monkeypatch, megatron_cpu):
     for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("MASTER_PORT", str(free_port()))

@@ -173,6 +173,7 @@ def test_tinyllama_flops_are_near_six_n_t_and_mfu_divides_by_peak():
     assert mfu(1.0, 1.0, 1, None) is None
 
 
+@pytest.mark.slow  # a training run end to end
 def test_metrics_carry_mfu_peak_memory_and_the_wsd_lr(tmp_path, synthetic_prefix):
     out = tmp_path / "run"
     bolt("train", str(TINY_CONFIG), f"output_dir={out}", f"data.prefixes=[{synthetic_prefix}]",
@@ -254,8 +255,10 @@ import torch
 from megatron_bolt import runtime
 from megatron_bolt.config import ModelConfig, ParallelConfig
 from megatron_bolt.models.gpt import build_gpt
+from megatron_bolt.compat import cpu as cpu_compat
 from megatron_bolt.models.init import initialize_weights
 
+cpu_compat.install()
 runtime.init_distributed(tp=1, pp=1)
 results = {}
 tokens = torch.randint(0, 500, (2, 32), generator=torch.Generator().manual_seed(0))
@@ -346,8 +349,10 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron_bolt import runtime
+from megatron_bolt.compat import cpu as cpu_compat
 from megatron_bolt.training.context_parallel import cp_slice, masked_mean_loss
 
+cpu_compat.install()
 env = runtime.init_distributed(tp=1, pp=1, cp=2)
 assert parallel_state.get_context_parallel_world_size() == 2
 gen = torch.Generator().manual_seed(0)

@@ -5,7 +5,6 @@ PP=1, bolt generate / score."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 import torch
@@ -13,20 +12,16 @@ from conftest import TINY_CONFIG, bolt, free_port
 
 from megatron_bolt.config import load_config
 
-PONDER = ["model.type=ponder", "model.latents_per_token=1", "model.jacobi_iters=[2,3]"]
+PONDER = ["model.type=ponder", "ponder.latents_per_token=1", "ponder.jacobi_iters=[2,3]"]
 
 
 @pytest.fixture(scope="module")
-def single_rank():
-    os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
-                       "MASTER_PORT": str(free_port())})
+def single_rank(megatron_cpu):
     from megatron_bolt import runtime
 
-    runtime.init_distributed(1, 1, 1234)
+    runtime.init_distributed(1, 1, 1234, env=runtime.DistEnv(0, 1, 0, "127.0.0.1", free_port()))
     yield
     runtime.shutdown()
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        os.environ.pop(key, None)
 
 
 def _model(latents: int):
@@ -34,7 +29,7 @@ def _model(latents: int):
 
     # init_std 0.2: with the default 0.02 the latents barely move the logits and Jacobi converges
     # in ~3 iterations, which would make the exactness check nearly vacuous.
-    cfg = load_config(TINY_CONFIG, ["model.type=ponder", f"model.latents_per_token={latents}", "model.seq_len=16",
+    cfg = load_config(TINY_CONFIG, ["model.type=ponder", f"ponder.latents_per_token={latents}", "model.seq_len=16",
                                     "model.init_std=0.2"])
     model = build_model(cfg, wrap_ddp=False)
     model.eval()
@@ -59,7 +54,7 @@ def test_jacobi_equals_sequential_kv_cached(single_rank, latents):
     assert gap < 1e-4, gap
     # the default J (eval_jacobi_iters = 3 < T) is not exact: report the gap
     default_gap = (default - reference).abs().max().item()
-    print(f"K={latents}: max |logit gap| at J={latents * T}: {gap:.2e}; at default J={cfg.model.eval_jacobi_iters}: "
+    print(f"K={latents}: max |logit gap| at J={latents * T}: {gap:.2e}; at default J={cfg.ponder.eval_jacobi_iters}: "
           f"{default_gap:.2e}")
     assert default_gap > 100 * gap  # the latents matter, so exactness at J = K*T is not vacuous
     # Jacobi prefill + cached decoding continues exactly where the sequential computation is
@@ -234,6 +229,7 @@ def test_generate_and_score_ponder_checkpoint(ponder_baseline, tmp_path):
     assert len((tmp_path / "s.jsonl").read_text().splitlines()) == 3
 
 
+@pytest.mark.slow  # export, transformers load, generate, eval and score end to end
 def test_ponder_export_to_hf_matches_megatron(single_rank, tmp_path):
     """A ponder checkpoint (K = 2, q/k/v biases, head dim 32 != 64/4, tied embeddings) exported to
     HF with its modeling code: transformers loads it (trust_remote_code), and its log-likelihood,
@@ -255,7 +251,7 @@ def test_ponder_export_to_hf_matches_megatron(single_rank, tmp_path):
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in make_documents(20, 0)))
     tok = train_bpe_tokenizer([str(docs)], 320, str(tmp_path / "tok"))
-    cfg = load_config(TINY_CONFIG, ["model.type=ponder", "model.latents_per_token=2", "model.seq_len=64",
+    cfg = load_config(TINY_CONFIG, ["model.type=ponder", "ponder.latents_per_token=2", "model.seq_len=64",
                                     "model.init_std=0.2", f"model.vocab_size={tok.vocab_size}", "model.qkv_bias=true",
                                     "model.kv_channels=32", "model.tie_embeddings=true"])
     model = build_model(cfg, wrap_ddp=False).eval()

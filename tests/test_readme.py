@@ -1,9 +1,9 @@
 """Every command in README.md's bash blocks, as written, after a demo run.
 
-The demo itself is replaced by a micro run of the same loop (`bolt demo` with small sizes, three
-iterations, into runs/demo of a scratch directory, so every runs/demo/... path the README names
-exists). Then each command line of each bash block, in order, with the scratch directory as the
-working directory:
+The demo itself is replaced by a micro run of the same loop (the session's `micro_em_run`: `bolt em`
+on the toy config with small sizes and three iterations, linked as runs/demo of a scratch
+directory, so every runs/demo/... path the README names exists). Then each command line of each
+bash block, in order, with the scratch directory as the working directory:
 
 - RUN: `bolt ...` and plain shell lines (`echo ...`) run in bash and must exit 0;
 - EM (parsed, not run): `bolt em ...` lines: one is the full demo (minutes), the other needs your
@@ -22,21 +22,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, bolt, scrubbed_env
+from conftest import REPO, scrubbed_env
 
 pytestmark = pytest.mark.slow
-
-MICRO_TRAIN = """
-model: {num_layers: 2, hidden_size: 32, num_attention_heads: 2, ffn_hidden_size: 64, seq_len: 128}
-train: {steps: 3, micro_batch: 4, global_batch: 4, lr: 3.0e-3, min_lr: 3.0e-4, warmup: 1, log_interval: 1}
-"""
-MICRO_DEMO = {
-    "corpus.toy_warm_docs": 6, "corpus.toy_rest_docs": 6, "corpus.toy_valid_docs": 2,
-    "warmstart.train_steps": "null", "ablation_samples": "[]", "iterations": 3,
-    "estep.samples": 2, "estep.max_latent_tokens": 8, "engine.threads": 1,
-    "eval.limit": 4, "eval.shots": 1, "eval.max_new_tokens": 16, "iwae_samples": "[1, 2]",
-}
-
 
 def readme_commands() -> list[str]:
     """The command lines of README.md's ```bash blocks, continuation lines joined, comments kept."""
@@ -66,13 +54,10 @@ def test_readme_lists_what_this_test_covers():
     assert kinds.count("skipped") == 2
 
 
-def test_readme_commands_run_as_written(tmp_path):
+def test_readme_commands_run_as_written(micro_em_run, tmp_path):
     (tmp_path / "examples").symlink_to(REPO / "examples")
-    (tmp_path / "micro_train.yaml").write_text(MICRO_TRAIN)
-    overrides = {**MICRO_DEMO, "train_config": str(tmp_path / "micro_train.yaml")}
-    demo = bolt("demo", "--output-dir", "runs/demo", *(f"{k}={v}" for k, v in overrides.items()),
-                timeout=1200, cwd=tmp_path)
-    assert "iter3 (K=2)" in demo.stdout
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "demo").symlink_to(micro_em_run)  # the session's micro demo (read only)
 
     env = scrubbed_env(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                        PYTHONPATH=str(REPO))

@@ -16,7 +16,7 @@ from conftest import free_port
 from conftest import tiny_llama as tiny_model
 
 from megatron_bolt.inference.local import LocalEngine
-from megatron_bolt.inference.sglang import SGLangEngine
+from megatron_bolt.inference.sglang import PoolOptions, SGLangEngine
 
 pytestmark = pytest.mark.slow  # a real sglang-router in front of two `bolt serve` processes
 
@@ -97,8 +97,8 @@ PROMPTS = [[0, 5, 6, 7, 8, 9], [0, 11], [0, 20, 21, 22, 23, 24, 25, 26, 27, 28, 
 def test_router_fleet_matches_local_and_survives_a_dead_worker(fleet):
     model_dir, router_url, workers = fleet
     local = LocalEngine(model_dir)
-    client = SGLangEngine(router_url, concurrency=8, backoff_s=0.1, max_backoff_s=1.0, retries=12)
-    direct = SGLangEngine(workers[1][0], concurrency=4)
+    client = SGLangEngine(router_url, PoolOptions(concurrency=8, backoff_s=0.1, max_backoff_s=1.0, retries=12))
+    direct = SGLangEngine(workers[1][0], PoolOptions(concurrency=4))
     try:
         assert client.context_length == 256 - 7  # the router passes the worker's /server_info on
         # seeded, deterministic servers: the router's spreading does not change a sample
@@ -163,7 +163,7 @@ def test_estep_through_router_matches_a_direct_run_despite_a_dead_worker(fleet, 
         run_estep(engine, chunks, store, settings, progress=False)
         return LatentStore.open(out, mode="r")
 
-    client = SGLangEngine(router_url, concurrency=8, backoff_s=0.1, max_backoff_s=1.0, retries=12)
+    client = SGLangEngine(router_url, PoolOptions(concurrency=8, backoff_s=0.1, max_backoff_s=1.0, retries=12))
     result: dict = {}
 
     def run():
@@ -181,7 +181,7 @@ def test_estep_through_router_matches_a_direct_run_despite_a_dead_worker(fleet, 
     client.close()
     assert not t.is_alive() and "err" not in result, result.get("err")
     fleet_store = result["store"]
-    direct = SGLangEngine(workers[0][0], concurrency=4)
+    direct = SGLangEngine(workers[0][0], PoolOptions(concurrency=4))
     try:
         direct_store = estep(direct, str(tmp_path / "direct.zarr"))
     finally:

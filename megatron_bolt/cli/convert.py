@@ -50,6 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from megatron_bolt.compat import cpu as cpu_compat
+
+    cpu_compat.install()  # both directions build the Megatron-Core model in this process
     if args._argv_name == "convert hf-to-mcore":
         from megatron_bolt.convert.hf_to_mcore import convert_hf_to_mcore
 

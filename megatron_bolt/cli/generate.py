@@ -25,7 +25,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (per prompt: seed + line index)")
     p.add_argument("--eos-id", type=int, default=None, help="stop a prompt's continuation at this token")
     p.add_argument("--jacobi-iters", type=int, default=None,
-                   help="ponder prefill Jacobi iterations (default: model.eval_jacobi_iters; K*prompt length is exact)")
+                   help="ponder prefill Jacobi iterations (default: ponder.eval_jacobi_iters; K*prompt length is exact)")
     p.add_argument("--nproc-per-node", type=int, default=1, help="tensor-parallel ranks to launch locally")
 
 
@@ -44,7 +44,7 @@ def generate_file(args: argparse.Namespace) -> int:
     from megatron_bolt.training.score import load_for_inference
 
     prompts = read_prompts(args.input)
-    model, cfg = load_for_inference(args.ckpt)
+    model, cfg = load_for_inference(args.ckpt, runtime.rank_env())
     V = cfg.model.vocab_size
     for lineno, p in enumerate(prompts, 1):
         if not all(0 <= t < V for t in p):
@@ -60,14 +60,17 @@ def generate_file(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_bolt.cli.ranks import relaunch_or_become_rank
+    from megatron_bolt.cli.ranks import relaunch_if_needed
 
     if args.max_new_tokens < 1:
         raise UserError("--max-new-tokens must be >= 1")
-    code = relaunch_or_become_rank(args, args.nproc_per_node)
+    code = relaunch_if_needed(args, args.nproc_per_node)
     if code is not None:
         return code
     from megatron_bolt import runtime
+    from megatron_bolt.compat import cpu as cpu_compat
+
+    cpu_compat.install()  # without CUDA: Megatron-Core on CPU + gloo (changes devices only)
 
     n = generate_file(args)
     runtime.print0(f"generated continuations of {n} prompts -> {args.output}")

@@ -3,21 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 
 
-def relaunch_or_become_rank(args: argparse.Namespace, nproc: int,
-                            forward: list[signal.Signals] = ()) -> int | None:
-    """Under torchrun or srun this process is a rank already: None. Otherwise, with nproc > 1, run the
-    full command line again as nproc local ranks (`runtime.relaunch`) and return their exit code;
-    with nproc 1 this process declares itself the only rank (the entry point owns its
-    environment) and None is returned: go on and run."""
+def relaunch_if_needed(args: argparse.Namespace, nproc: int, forward: list[signal.Signals] = ()) -> int | None:
+    """Outside torchrun / srun with nproc > 1: run the full command line again as nproc local ranks
+    (`runtime.relaunch`) and return their exit code. Otherwise None: this process is a rank (under
+    a launcher) or the only one; go on and run, on `runtime.rank_env()`."""
     from megatron_bolt import runtime
 
-    if runtime.under_launcher():
+    if runtime.under_launcher() or nproc <= 1:
         return None
-    if nproc > 1:
-        return runtime.relaunch(args._argv, nproc, forward_signals=forward)
-    os.environ.update(runtime.single_rank_env())
-    return None
+    return runtime.relaunch(args._argv, nproc, forward_signals=forward)
+

@@ -20,15 +20,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_bolt.cli.ranks import relaunch_or_become_rank
+    from megatron_bolt.cli.ranks import relaunch_if_needed
 
-    code = relaunch_or_become_rank(args, args.nproc_per_node)
+    code = relaunch_if_needed(args, args.nproc_per_node)
     if code is not None:
         return code
     from megatron_bolt import runtime
-    from megatron_bolt.training.score import score_file
+    from megatron_bolt.compat import cpu as cpu_compat
+    from megatron_bolt.training.score import is_hf_directory, score_file
 
-    summary = score_file(args.ckpt, args.input, args.output, args.batch_size)
+    if not is_hf_directory(args.ckpt):  # an HF export is scored with transformers, no Megatron-Core
+        cpu_compat.install()
+    summary = score_file(args.ckpt, args.input, args.output, args.batch_size, runtime.rank_env())
     runtime.print0(
         f"scored {summary['sequences']} sequences, {summary['tokens']} tokens: "
         f"mean NLL {summary['mean_nll']:.4f}, perplexity {summary['perplexity']:.3f} -> {args.output}"

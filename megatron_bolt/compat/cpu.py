@@ -4,6 +4,9 @@ Megatron-Core assumes CUDA in a handful of places: tensors allocated with `devic
 `device=torch.cuda.current_device()`, `.cuda()` calls, and a few `torch.cuda.*` queries. Rather than
 patching files in site-packages, a `TorchFunctionMode` rewrites CUDA devices to CPU on every torch
 call, and the few `torch.cuda` queries get CPU answers. On a GPU machine none of this is installed.
+
+The layer is entered explicitly: an entry point (a `bolt` command, a test, a script) calls
+`install()` before it runs Megatron-Core code; library code only checks that it did (`require`).
 """
 
 from __future__ import annotations
@@ -88,8 +91,22 @@ class _NullEvent(_NullStream):
         return 0.0
 
 
+def installed() -> bool:
+    return _installed
+
+
+def require(what: str) -> None:
+    """For library code that runs Megatron-Core: on a machine without CUDA, the entry point (a
+    `bolt` command, a test, a script) must have called `install()` first."""
+    if not _installed and not torch.cuda.is_available():
+        raise RuntimeError(f"{what} runs Megatron-Core, which needs CUDA or the CPU compatibility layer: "
+                           "call megatron_bolt.compat.cpu.install() first (the bolt commands do)")
+
+
 def install() -> bool:
-    """Install the CPU compatibility layer once, if and only if CUDA is unavailable."""
+    """Install the CPU compatibility layer once, if and only if CUDA is unavailable. Entry points
+    call it (the `bolt` commands that run Megatron-Core: train, score, generate, convert; tests);
+    library code never does, it only `require`s it. It stays active for the life of the process."""
     global _installed
     if _installed or torch.cuda.is_available():
         return _installed

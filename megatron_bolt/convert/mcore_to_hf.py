@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from megatron_bolt.atomic import commit, temp_path
+from megatron_bolt.config import ModelConfig, PonderConfig
 from megatron_bolt.convert import llama
 from megatron_bolt.convert.hf_to_mcore import HF_CONFIG, TOKENIZER_DIR, TOKENIZER_FILES
 from megatron_bolt.errors import UserError
@@ -43,11 +44,10 @@ def plan_shards(shapes: dict[str, tuple[int, ...]], itemsize: int, max_shard_byt
     return shards
 
 
-def ponder_hf_config(cfg, llama_config: dict) -> dict:
+def ponder_hf_config(model: ModelConfig, ponder: PonderConfig, llama_config: dict) -> dict:
     """The exported Llama config.json turned into a PonderForCausalLM one: the same shape fields
-    (both RoPE / dtype spellings), plus the latent-thought fields and the auto_map to our code."""
-    import math
-
+    (both RoPE / dtype spellings), plus the latent-thought fields (the run's `ponder:` section)
+    and the auto_map to our code."""
     out = dict(llama_config)
     for key in ("mlp_bias", "pretraining_tp", "use_sliding_window", "sliding_window", "max_window_layers"):
         out.pop(key, None)
@@ -55,10 +55,10 @@ def ponder_hf_config(cfg, llama_config: dict) -> dict:
         architectures=["PonderForCausalLM"],
         model_type=hf_ponder.MODEL_TYPE,
         auto_map=dict(hf_ponder.AUTO_MAP),
-        attention_bias=cfg.qkv_bias,
-        latents_per_token=cfg.latents_per_token,
-        eval_jacobi_iters=cfg.eval_jacobi_iters,
-        embed_scale=float(cfg.embed_scale or math.sqrt(2.5 * cfg.hidden_size)),
+        attention_bias=model.qkv_bias,
+        latents_per_token=ponder.latents_per_token,
+        eval_jacobi_iters=ponder.eval_jacobi_iters,
+        embed_scale=float(ponder.scale(model.hidden_size)),
     )
     return out
 
@@ -142,7 +142,7 @@ def convert_mcore_to_hf(
             )
         hf_config = llama.hf_config_from_model(cfg, out_dtype, base)
         if cfg.type == "ponder":
-            hf_config = ponder_hf_config(cfg, hf_config)
+            hf_config = ponder_hf_config(cfg, run.ponder, hf_config)
             for path in hf_ponder.code_paths():
                 shutil.copy2(path, tmp / path.name)
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from collections.abc import Iterator
 
 import torch
@@ -20,7 +19,8 @@ from megatron_bolt.errors import UserError
 
 @contextlib.contextmanager
 def single_rank() -> Iterator[None]:
-    """A 1-rank process group with TP=PP=1 for the duration (reused if the caller already has one)."""
+    """A 1-rank process group with TP=PP=1 for the duration (reused if the caller already has one).
+    Without CUDA it needs the CPU compatibility layer (`megatron_bolt.compat.cpu.install()`)."""
     from megatron.core import parallel_state
 
     from megatron_bolt import runtime
@@ -30,19 +30,11 @@ def single_rank() -> Iterator[None]:
             raise UserError("checkpoint conversion runs in a single process; do not launch it with torchrun")
         yield
         return
-    saved_env = {k: os.environ.get(k) for k in ("MASTER_ADDR", "MASTER_PORT")}
-    runtime.init_distributed(tp=1, pp=1)
+    runtime.init_distributed(tp=1, pp=1, env=runtime.single_rank_env())
     try:
         yield
     finally:
         runtime.shutdown()
-        # init_distributed exports a free port; a later process group (or a child process that
-        # inherits the environment) must not reuse it.
-        for key, value in saved_env.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def build_cfg(model: ModelConfig, padding_tp: int) -> ModelConfig:

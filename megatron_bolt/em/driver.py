@@ -15,9 +15,10 @@ What each stage trains on, from which start and for how long is em/plan.py's pla
 with as many epochs of fresh prior/posterior forms as its training reads (`merge.epochs: null`).
 
 Each step is a library call with typed options (preprocess, warmstart, estep, merge, eval, iwae),
-logged to `<stage>/logs/<step>.log` through the `megatron_bolt` logger. The two steps that need a
-process group of their own, training and the HF export, run as child processes through
-`runtime.relaunch`, their output going to the same log. A step that succeeds leaves
+logged to `<stage>/logs/<step>.log` through the `megatron_bolt` logger. Training, which needs a
+process group of its own, runs as child ranks through `runtime.relaunch`, its output going to the
+same log; its rank 0 also writes the stage's HF export when the training is done
+(`bolt train --export-hf`), which marks the export step done as well. A step that succeeds leaves
 `<stage>/.done/<step>`; re-running the command skips finished steps and resumes the first
 unfinished one (training and the E-step resume inside themselves; steps whose outputs are not
 resumable are cleaned and redone).
@@ -332,10 +333,15 @@ class EMDriver:
             cfg.checkpoint.finetune = True
         config = stage.dir / "train" / "config.yaml"
         atomic_write_text(config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        self.launch(stage, "train", ["train", str(config), "--nproc-per-node", str(self.cfg.nproc_per_node)],
-                    nproc=self.cfg.nproc_per_node)
+        # the HF export is made by the training's own rank 0 when it is done: one process start less
+        self.launch(stage, "train", ["train", str(config), "--nproc-per-node", str(self.cfg.nproc_per_node),
+                                     "--export-hf", str(stage.hf), "--export-tokenizer", self.tokenizer],
+                    nproc=self.cfg.nproc_per_node, clean=(stage.hf,))
+        if stage.hf.is_dir():
+            stage.mark("export")
 
     def export(self, stage: Stage) -> None:
+        """The HF export of a stage whose training step did not make one (a run of an older version)."""
         self.launch(stage, "export", ["convert", "mcore-to-hf", "--ckpt", str(stage.checkpoints), "--out",
                                       str(stage.hf), "--tokenizer", self.tokenizer], clean=(stage.hf,))
 

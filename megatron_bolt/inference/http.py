@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 import requests
@@ -24,6 +25,19 @@ log = logging.getLogger(__name__)
 
 class EngineError(RuntimeError):
     """A request could not be completed (bad request, or every retry failed)."""
+
+
+@dataclass(frozen=True)
+class PoolOptions:
+    """How a server-backed engine talks to its servers (HTTPPool): the same for every client."""
+
+    concurrency: int = 64  # requests in flight
+    timeout_s: float = 600.0  # per request
+    retries: int = 8  # attempts after the first, on transient errors
+    backoff_s: float = 0.25  # before the first retry, doubled each time
+    max_backoff_s: float = 8.0
+    failure_threshold: int = 2  # failures in a row that take a server out of the rotation...
+    cooldown_s: float = 30.0  # ...for this long
 
 
 class ServerPool:
@@ -71,22 +85,13 @@ class ServerPool:
 class HTTPPool:
     """POSTs JSON to a pool of servers from a bounded thread pool, one requests.Session per thread."""
 
-    def __init__(
-        self,
-        urls: str | list[str],
-        concurrency: int = 64,
-        timeout_s: float = 600.0,
-        retries: int = 8,
-        backoff_s: float = 0.25,
-        max_backoff_s: float = 8.0,
-        failure_threshold: int = 2,
-        cooldown_s: float = 30.0,
-        name: str = "engine-client",
-    ) -> None:
-        self.pool = ServerPool([urls] if isinstance(urls, str) else list(urls), failure_threshold, cooldown_s)
-        self.timeout_s, self.retries = timeout_s, retries
-        self.http = RetryingHTTP(retries, backoff_s, max_backoff_s)  # sessions, retries and backoff
-        self.executor = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix=name)
+    def __init__(self, urls: str | list[str], options: PoolOptions | None = None, name: str = "engine-client") -> None:
+        o = options or PoolOptions()
+        self.options = o
+        self.pool = ServerPool([urls] if isinstance(urls, str) else list(urls), o.failure_threshold, o.cooldown_s)
+        self.timeout_s, self.retries = o.timeout_s, o.retries
+        self.http = RetryingHTTP(o.retries, o.backoff_s, o.max_backoff_s)  # sessions, retries and backoff
+        self.executor = ThreadPoolExecutor(max_workers=o.concurrency, thread_name_prefix=name)
 
     def close(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)

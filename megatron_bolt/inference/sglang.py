@@ -43,9 +43,9 @@ from typing import Any
 import requests
 
 from megatron_bolt.inference.base import Engine, Sample, derive_seed, per_prompt_seeds, sample_seed
-from megatron_bolt.inference.http import EngineError, HTTPPool
+from megatron_bolt.inference.http import EngineError, HTTPPool, PoolOptions
 
-__all__ = ["EngineError", "SGLangEngine"]
+__all__ = ["EngineError", "PoolOptions", "SGLangEngine"]
 
 log = logging.getLogger(__name__)
 
@@ -54,20 +54,14 @@ class SGLangEngine(Engine):
     def __init__(
         self,
         urls: str | list[str],
-        concurrency: int = 64,
-        timeout_s: float = 600.0,
-        retries: int = 8,
-        backoff_s: float = 0.25,
-        max_backoff_s: float = 8.0,
-        failure_threshold: int = 2,
-        cooldown_s: float = 30.0,
+        options: PoolOptions | None = None,
         context_length: int | None = None,
     ) -> None:
-        """context_length: send no sequence longer than this (the server's own limit still applies)."""
-        self.http = HTTPPool(urls, concurrency, timeout_s, retries, backoff_s, max_backoff_s, failure_threshold,
-                             cooldown_s, name="sglang-client")
+        """options: concurrency, timeouts, retries (PoolOptions); context_length: send no sequence
+        longer than this (the server's own limit still applies)."""
+        self.http = HTTPPool(urls, options, name="sglang-client")
         self.pool = self.http.pool
-        self.timeout_s = timeout_s
+        self.timeout_s = self.http.timeout_s
         self._context_cap = context_length
         self._context_length: int | None = None
         self._context_known = False

@@ -23,7 +23,7 @@ from typing import Any
 import requests
 
 from megatron_bolt.inference.base import Engine, Sample, per_prompt_seeds, sample_seed
-from megatron_bolt.inference.http import EngineError, HTTPPool
+from megatron_bolt.inference.http import EngineError, HTTPPool, PoolOptions
 
 _INT64_MAX = (1 << 63) - 1
 
@@ -33,19 +33,13 @@ class VLLMServerEngine(Engine):
         self,
         urls: str | list[str],
         model: str | None = None,
-        concurrency: int = 64,
-        timeout_s: float = 600.0,
-        retries: int = 8,
-        backoff_s: float = 0.25,
-        max_backoff_s: float = 8.0,
-        failure_threshold: int = 2,
-        cooldown_s: float = 30.0,
+        options: PoolOptions | None = None,
         context_length: int | None = None,
     ) -> None:
         """model: the served model name, only needed when a router fronts several models;
-        context_length: send no sequence longer than this (the server's max_model_len still applies)."""
-        self.http = HTTPPool(urls, concurrency, timeout_s, retries, backoff_s, max_backoff_s, failure_threshold,
-                             cooldown_s, name="vllm-client")
+        options: concurrency, timeouts, retries (PoolOptions); context_length: send no sequence
+        longer than this (the server's max_model_len still applies)."""
+        self.http = HTTPPool(urls, options, name="vllm-client")
         self.model = model
         self._context_cap = context_length
         self._context_length: int | None = None

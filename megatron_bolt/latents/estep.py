@@ -266,14 +266,13 @@ def open_engine(model_dir: str, cfg: EngineConfig) -> Engine:
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise UserError(f"{model_dir}: no config.json (expected an HF export directory)")
     check_section(cfg, "engine.")
-    if cfg.engine == "sglang":
+    if cfg.engine in ("sglang", "vllm-server"):
+        from megatron_bolt.inference.http import PoolOptions
         from megatron_bolt.inference.sglang import SGLangEngine
-
-        return SGLangEngine(cfg.server, concurrency=cfg.concurrency, context_length=cfg.context_length)
-    if cfg.engine == "vllm-server":
         from megatron_bolt.inference.vllm_server import VLLMServerEngine
 
-        return VLLMServerEngine(cfg.server, concurrency=cfg.concurrency, context_length=cfg.context_length)
+        client = SGLangEngine if cfg.engine == "sglang" else VLLMServerEngine
+        return client(cfg.server, options=PoolOptions(concurrency=cfg.concurrency), context_length=cfg.context_length)
     import torch
 
     if cfg.threads:

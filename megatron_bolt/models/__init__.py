@@ -14,7 +14,7 @@ def build_model_chunk(
     if cfg.model.type == "ponder":
         from megatron_bolt.models.ponder import build_ponder
 
-        return build_ponder(cfg.model, cfg.parallel, pre_process, post_process, bf16=cfg.train.bf16)
+        return build_ponder(cfg.model, cfg.parallel, cfg.ponder, pre_process, post_process, bf16=cfg.train.bf16)
     from megatron_bolt.models.gpt import build_gpt
 
     return build_gpt(cfg.model, cfg.parallel, pre_process, post_process, bf16=cfg.train.bf16, vp_stage=vp_stage)

@@ -14,9 +14,9 @@ starts from a k-step computation rather than a copy of the plain pass. Then J pa
 interleaved sequence each replace every latent with the output of the slot before it, and a final
 pass gives the logits: K + J + 1 passes. Gradients flow through all passes. After J >= K*T
 iterations the result equals the sequential computation (`models.generation`). J is drawn from
-`model.jacobi_iters` in training (a hash of the seed and the micro-batch tokens, so every TP rank
+`ponder.jacobi_iters` in training (a hash of the seed and the micro-batch tokens, so every TP rank
 draws the same J, a resumed run redraws what it drew before, and DP ranks agree with DP = 1) and is
-`model.eval_jacobi_iters` in eval mode.
+`ponder.eval_jacobi_iters` in eval mode.
 
 At PP > 1 each pass traverses the pipeline stages point to point (`ponder_pipeline`, which also
 holds the training schedule for that case); TP and DP work as for the vanilla model.
@@ -25,12 +25,11 @@ holds the training schedule for that case); TP and DP work as for the vanilla mo
 from __future__ import annotations
 
 import hashlib
-import math
 
 import torch
 from megatron.core.models.gpt import GPTModel
 
-from megatron_bolt.config import ModelConfig, ParallelConfig
+from megatron_bolt.config import ModelConfig, ParallelConfig, PonderConfig
 from megatron_bolt.errors import UserError
 from megatron_bolt.models.gpt import gpt_model_kwargs, output_logits, rotary_for
 
@@ -43,12 +42,12 @@ class PonderGPTModel(GPTModel):
     others a scalar link tensor that `ponder_pipeline.forward_backward` runs their backward from.
     """
 
-    def __init__(self, *args, ponder: ModelConfig, seed: int = 0, **kwargs):
+    def __init__(self, *args, ponder: PonderConfig, seed: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         self.latents = ponder.latents_per_token
         self.jacobi_choices = list(ponder.jacobi_iters)
         self.eval_jacobi = ponder.eval_jacobi_iters
-        self.embed_scale = ponder.embed_scale or math.sqrt(2.5 * ponder.hidden_size)
+        self.embed_scale = ponder.scale(self.config.hidden_size)
         self.seed = seed
         self.jacobi_override: int | None = None  # tests / benchmarks force a J
 
@@ -147,6 +146,7 @@ class PonderGPTModel(GPTModel):
 def build_ponder(
     model: ModelConfig,
     parallel: ParallelConfig,
+    ponder: PonderConfig,
     pre_process: bool = True,
     post_process: bool = True,
     bf16: bool = False,
@@ -155,4 +155,4 @@ def build_ponder(
     """One pipeline stage of the ponder model (the whole model when pp == 1)."""
     if parallel.sequence_parallel and parallel.tp > 1:
         raise UserError("model.type=ponder does not support parallel.sequence_parallel")
-    return PonderGPTModel(**gpt_model_kwargs(model, parallel, pre_process, post_process, bf16), ponder=model, seed=seed)
+    return PonderGPTModel(**gpt_model_kwargs(model, parallel, pre_process, post_process, bf16), ponder=ponder, seed=seed)

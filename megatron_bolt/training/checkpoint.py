@@ -32,7 +32,7 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.transformer.module import Float16Module
 
 from megatron_bolt.atomic import atomic_write_text
-from megatron_bolt.config import RunConfig, _build
+from megatron_bolt.config import RunConfig, _build, upgrade_saved_tree
 from megatron_bolt.errors import UserError
 
 LATEST = "latest_checkpointed_iteration.txt"
@@ -63,7 +63,7 @@ def read_run_config(ckpt_dir: str | Path) -> RunConfig:
     path = Path(ckpt_dir) / RUN_CONFIG
     if not path.is_file():
         raise UserError(f"{ckpt_dir}: not a megatron-bolt checkpoint (no {RUN_CONFIG})")
-    return _build(RunConfig, yaml.safe_load(path.read_text()) or {}, "")
+    return _build(RunConfig, upgrade_saved_tree(yaml.safe_load(path.read_text()) or {}), "")
 
 
 def _model_state(model_chunks: list[torch.nn.Module], metadata: dict | None = None) -> dict:

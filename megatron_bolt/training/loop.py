@@ -247,8 +247,11 @@ def _progress(step: int, total: int, record: dict, started: float, first_step: i
     )
 
 
-def train(cfg: RunConfig) -> dict:
+def train(cfg: RunConfig, dist_env: runtime.DistEnv | None = None) -> dict:
     """Train per `cfg`; resumes from `cfg.checkpoint_dir` if it holds a checkpoint. Collective.
+
+    `dist_env`: this process's rank (default: `runtime.detect_env()`). Without CUDA the caller
+    must have installed the CPU compatibility layer (`megatron_bolt.compat.cpu.install()`).
 
     Stops early, after saving a checkpoint, when any rank gets SIGTERM / `train.exit_signal` or
     `train.exit_duration_mins` has passed (the returned record then has "stopped": the reason).
@@ -259,7 +262,7 @@ def train(cfg: RunConfig) -> dict:
     check_requirements(cfg.model, cfg.parallel)  # before any process group: the clearest error
     try:
         runtime.init_distributed(par.tp, par.pp, t.seed, vp=par.vp, gloo_process_groups=par.gloo_process_groups,
-                                 cp=par.cp)
+                                 cp=par.cp, env=dist_env)
         return _train(cfg, exit_handler, started)
     finally:
         if exit_handler is not None:

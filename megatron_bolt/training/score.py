@@ -42,15 +42,19 @@ def read_token_lines(path: str | Path, min_tokens: int = 2, purpose: str = "scor
     return out
 
 
-def load_for_inference(ckpt_dir: str | Path):
-    """(model, cfg) at TP = world size, PP = 1, weights from the checkpoint. Collective."""
+def load_for_inference(ckpt_dir: str | Path, dist_env: runtime.DistEnv | None = None):
+    """(model, cfg) at TP = world size, PP = 1, weights from the checkpoint. Collective.
+
+    `dist_env`: this process's rank (default: `runtime.detect_env()`). Without CUDA the caller
+    must have installed the CPU compatibility layer (`megatron_bolt.compat.cpu.install()`)."""
     cfg = ckpt.read_run_config(ckpt_dir)
-    world = dist.get_world_size() if dist.is_initialized() else int(__import__("os").environ.get("WORLD_SIZE", 1))
+    dist_env = dist_env or runtime.detect_env()
+    world = dist.get_world_size() if dist.is_initialized() else dist_env.world_size
     cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.cp = world, 1, 1
     from megatron_bolt.config import validate
 
     validate(cfg)
-    runtime.init_distributed(cfg.parallel.tp, 1, cfg.train.seed)
+    runtime.init_distributed(cfg.parallel.tp, 1, cfg.train.seed, env=dist_env)
     from megatron_bolt.training.loop import build_model
 
     model = build_model(cfg, wrap_ddp=False)
@@ -120,12 +124,15 @@ def score_sequences_hf(model_dir: str | Path, sequences: list[list[int]], batch_
     return results
 
 
-def score_file(ckpt_dir: str, input_path: str, output_path: str, batch_size: int = 8) -> dict:
+def score_file(ckpt_dir: str, input_path: str, output_path: str, batch_size: int = 8,
+               dist_env: runtime.DistEnv | None = None) -> dict:
+    """`bolt score`: an HF export with transformers in this process, a checkpoint with Megatron-Core
+    (`load_for_inference`: collective over `dist_env`'s ranks)."""
     sequences = read_token_lines(input_path)
     if is_hf_directory(ckpt_dir):
         scores = score_sequences_hf(ckpt_dir, sequences, batch_size)
     else:
-        model, cfg = load_for_inference(ckpt_dir)
+        model, cfg = load_for_inference(ckpt_dir, dist_env)
         bad = [t for s in sequences for t in s if not 0 <= t < cfg.model.vocab_size]
         if bad:
             raise UserError(f"{input_path}: token id {bad[0]} outside the model's vocabulary [0, {cfg.model.vocab_size})")
