@@ -21,7 +21,7 @@ import time
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
 from preprocess import make_corpus, train_tokenizer  # noqa: E402  (bench/preprocess.py)
 
