@@ -165,6 +165,11 @@ def test_bad_em_config_is_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert key.replace("engine.engine", "engine.server") in err, err
         assert len(err.strip().splitlines()) == 1, err
+    # a file corpus without held-out documents: the IWAE bound would be measured in-sample
+    files = {"corpus.source": "files", "corpus.warm": "[w.jsonl]", "corpus.rest": "[r.jsonl]"}
+    assert main(["em", *micro_em_args(tmp_path, **files)]) == 2
+    err = capsys.readouterr().err
+    assert "corpus.valid" in err and "held-out" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run").exists()  # nothing started
 
 

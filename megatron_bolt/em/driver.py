@@ -173,7 +173,7 @@ class EMDriver:
                 inputs[name] = [str(write_jsonl(self.data / f"{name}.jsonl", [{TEXT_KEY: d} for d in docs]))]
             key = TEXT_KEY
         else:
-            inputs = {"warm": c.warm, "rest": c.rest, "valid": c.valid or c.rest[:1]}
+            inputs = {"warm": c.warm, "rest": c.rest, "valid": c.valid}
             key = c.json_key
         if c.tokenizer:
             tokenizer = c.tokenizer
