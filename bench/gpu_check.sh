@@ -5,7 +5,8 @@
 #            vocab 32000) in bf16 with the distributed optimizer for 30 steps; prints tokens/s,
 #            MFU and peak memory from metrics.jsonl
 #   resume   from the step-25 checkpoint; steps 26-30 must reproduce the first run's losses
-#   convert  `bolt convert mcore-to-hf`, then `bolt score` against transformers on the same device
+#   convert  the resumed run's HF export (`bolt train --export-hf`: its rank 0 converts as
+#            `bolt convert mcore-to-hf` does), then `bolt score` against transformers on the same device
 #
 # Usage:
 #   bench/gpu_check.sh --wheels DIR [--workdir DIR] [--python PY]     the GPU check
@@ -103,12 +104,11 @@ cp "$RUN/metrics.jsonl" "$WORK/metrics_first.jsonl"
 phase "resuming from step $SAVE"
 rm -rf "$RUN/checkpoints/iter_$(printf %07d "$STEPS")"
 echo $SAVE > "$RUN/checkpoints/latest_checkpointed_iteration.txt"
-bolt train "${COMMON[@]}"
+# the finished run is exported to HF by its own rank 0 (what `bolt convert mcore-to-hf` does)
+bolt train "${COMMON[@]}" --export-hf "$WORK/hf"
 check resume "$WORK/metrics_first.jsonl" "$RUN/metrics.jsonl" $SAVE
 
 # ---------------------------------------------------------------- HF export and scoring
-phase "converting to HF"
-bolt convert mcore-to-hf --ckpt "$RUN/checkpoints" --out "$WORK/hf"
 check sequences "$WORK/seqs.jsonl" $VOCAB 4 $(( SEQ_LEN / 4 ))
 bolt score --ckpt "$RUN/checkpoints" --input "$WORK/seqs.jsonl" --output "$WORK/scored.jsonl"
 check score "$WORK/hf" "$WORK/scored.jsonl" "$WORK/seqs.jsonl" "$("$PY" -c 'import torch; print("cuda" if torch.cuda.is_available() else "cpu")')"

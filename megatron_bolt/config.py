@@ -321,6 +321,10 @@ class CorpusConfig:
     def problems(self) -> Iterator[tuple[str, str]]:
         if self.source == "files" and not (self.warm and self.rest):
             yield "source", "'files' needs corpus.warm and corpus.rest (lists of JSONL/Parquet files)"
+        if self.source == "files" and not self.valid:
+            # the reference validates on documents outside both training splits; a rest file would
+            # measure the bound in-sample
+            yield "valid", "'files' needs corpus.valid: held-out documents (in neither warm nor rest) for the IWAE bound"
         if not 0 <= self.chunk_poisson_mean <= 100:
             yield "chunk_poisson_mean", f"expected 0..100, got {self.chunk_poisson_mean}"
 

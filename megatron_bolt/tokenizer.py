@@ -23,6 +23,7 @@ import os
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 
 import numpy as np
@@ -160,12 +161,11 @@ class HFTokenizer(BoltTokenizer):
         return [np.asarray(e.ids, dtype=np.int32) for e in fast(list(texts), add_special_tokens=False)]
 
     def encode_batch_with_ends(self, texts: Sequence[str]) -> list[tuple[np.ndarray, np.ndarray]]:
-        out = []
-        for enc in self._tok.encode_batch(list(texts), add_special_tokens=False):
-            ids = np.asarray(enc.ids, dtype=np.int32)
-            ends = np.asarray([e for _, e in enc.offsets], dtype=np.int64).reshape(-1)
-            out.append((ids, ends))
-        return out
+        end = itemgetter(1)
+        return [
+            (np.asarray(e.ids, dtype=np.int32), np.fromiter(map(end, e.offsets), dtype=np.int64, count=len(e)))
+            for e in self._tok.encode_batch(list(texts), add_special_tokens=False)
+        ]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)

@@ -10,10 +10,13 @@ import pytest
 
 from megatron_bolt.data.chunking import (
     MAX_SENTENCES_PER_CHUNK,
+    PARAGRAPH,
+    _punkt,
     chunk_char_boundaries,
     chunk_texts,
     chunk_token_lengths,
     document_rng,
+    paragraph_spans,
     sentence_boundaries,
     sentences_per_chunk,
     split_chunks,
@@ -98,6 +101,34 @@ def test_characters_the_reference_drops_stay_in_their_chunk():
     assert units(" \n\nText. More.") == [" \n\nText.", " More."]
 
 
+def _fuzz_strings(seed: int, pieces: list[str], n: int, max_len: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return ["".join(rng.choice(pieces, size=int(rng.integers(0, max_len)))) for _ in range(n)]
+
+
+def test_paragraph_spans_are_the_reference_regex_matches():
+    # paragraph_spans finds PARAGRAPH's matches without running it; they must agree exactly,
+    # including on CR, unicode whitespace (\x85, \u2028, NBSP) and trailing whitespace.
+    pieces = ["\n", "\r", " ", "\t", "\xa0", "\u2028", "\x1c", "\x85", "\x0b", "a", ".", "\n\n", "\r\n", "b "]
+    for text in _fuzz_strings(0, pieces, 5000, 25) + [t for t, _ in REFERENCE_UNITS]:
+        assert paragraph_spans(text) == [m.span() for m in PARAGRAPH.finditer(text)], repr(text)
+
+
+def test_sentence_splitter_gives_nltk_punkts_spans():
+    # The restated span_tokenize must end sentences exactly where nltk's untrained Punkt does:
+    # candidate overlaps, closing quotes/brackets after a break, ellipses, initials, numbers.
+    from nltk.tokenize.punkt import PunktSentenceTokenizer
+
+    nltk_punkt, ours = PunktSentenceTokenizer(), _punkt()
+    pieces = list("aA. .!?\"')]}([-,;:\n\t\x0b\xa0") + ["Mr", "The", "e.g", "...", "--", "U.S", "3.5", "J.", " ", "x"]
+    for text in _fuzz_strings(1, pieces, 4000, 40):
+        assert ours.sentence_ends(text) == [e for _, e in nltk_punkt.span_tokenize(text)], repr(text)
+    # Its break decision, restated for the untrained parameters, on short contexts.
+    pieces += ["J.", "3.", "..", "Mr.", "the", "5", "$", "\n\n", "É"]
+    for context in _fuzz_strings(2, pieces, 20000, 10):
+        assert ours._contains_break(context) == nltk_punkt.text_contains_sentbreak(context), repr(context)
+
+
 def test_chunk_texts_group_units_and_tile_the_document():
     text = "Dr. Smith went home. He slept!\n\nNew paragraph here? Yes.\n \nLast one"
     assert chunk_texts(text, poisson_mean=0) == units(text)
@@ -125,6 +156,9 @@ def test_uniform_chunking_is_the_references_validation_chunking():
     assert uniform_sentences_per_chunk(8) == [8] and uniform_sentences_per_chunk(1) == [1]
     text = " ".join(f"Sentence number {i}." for i in range(9))
     assert [len(sentence_boundaries(c)) + 1 for c in chunk_texts(text, uniform=True)] == [4, 5]
+    # The 8 is the reference's units_per_chunk, the Poisson mean + 1: one knob for both modes.
+    assert [len(sentence_boundaries(c)) + 1 for c in chunk_texts(text, poisson_mean=2, uniform=True)] == [3, 3, 3]
+    assert len(chunk_texts(text, poisson_mean=0, uniform=True)) == 9
 
 
 def test_chunk_poisson_mean_sets_the_chunk_size():

@@ -165,6 +165,11 @@ def test_bad_em_config_is_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert key.replace("engine.engine", "engine.server") in err, err
         assert len(err.strip().splitlines()) == 1, err
+    # a file corpus without held-out documents: the IWAE bound would be measured in-sample
+    files = {"corpus.source": "files", "corpus.warm": "[w.jsonl]", "corpus.rest": "[r.jsonl]"}
+    assert main(["em", *micro_em_args(tmp_path, **files)]) == 2
+    err = capsys.readouterr().err
+    assert "corpus.valid" in err and "held-out" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "run").exists()  # nothing started
 
 
@@ -275,3 +280,42 @@ def test_merged_datasets_come_from_the_right_stores(tmp_path):
     assert d.dataset_sources("warmstart/merged")[1] == str(tmp_path / "warmstart" / "latents.zarr")
     assert d.dataset_sources("raw/warm") == (str(tmp_path / "data" / "warm_chunks.zarr"), None)
     assert d.prefix("iter2/warm") == tmp_path / "iter2" / "data" / "warm"
+
+
+def test_validation_store_has_the_references_uniform_chunks(tmp_path):
+    """The IWAE documents are cut as the reference's validation protocol cuts them: ceil(n / 8)
+    chunks of as even a number of sentences as possible; the training splits keep Poisson chunks."""
+    from megatron_bolt.config import load_em_config
+    from megatron_bolt.data.chunking import sentence_boundaries
+    from megatron_bolt.em.driver import EMDriver
+    from megatron_bolt.stores.chunk_store import ChunkStore
+    from megatron_bolt.tokenizer import load_tokenizer
+
+    def docs(split: str) -> Path:
+        path = tmp_path / f"{split}.jsonl"
+        with open(path, "w") as f:
+            for d in range(6):  # 20 sentences each: uniform chunks of 6, 7 and 7
+                text = " ".join(f"Sentence {i} of {split} document {d} says {i * d}." for i in range(20))
+                f.write(json.dumps({"text": text}) + "\n")
+        return path
+
+    splits = {s: docs(s) for s in ("warm", "rest", "valid")}
+    cfg = load_em_config(REPO / "examples" / "toy" / "em.yaml", [
+        f"output_dir={tmp_path / 'run'}", "corpus.source=files", "corpus.chunk_poisson_mean=7",
+        *(f"corpus.{s}=[{p}]" for s, p in splits.items()),
+    ])
+    driver = EMDriver(cfg)
+    driver.prepare()
+    tok = load_tokenizer(driver.tokenizer)
+
+    def sentences_per_chunk(split: str) -> list[list[int]]:
+        store = ChunkStore.open(driver.chunks(split))
+        counts = []
+        for d in range(store.num_docs):
+            a, b = store.doc_chunk_range(d)
+            counts.append([len(sentence_boundaries(tok.decode(store.chunk_tokens(i)))) + 1 for i in range(a, b)])
+        return counts
+
+    assert sentences_per_chunk("valid") == [[6, 7, 7]] * 6
+    rest = sentences_per_chunk("rest")
+    assert all(sum(c) == 20 for c in rest) and rest != [[6, 7, 7]] * 6

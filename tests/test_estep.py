@@ -275,6 +275,7 @@ def test_truncation_follows_the_reference():
         truncate_joint(seqs, 5, 3, 4)
 
 
+@pytest.mark.slow  # whole E-steps and IWAE runs at three context lengths
 def test_estep_truncates_to_the_context(setup, tmp_path):
     """With a context shorter than the sequences, the stored weights are those of the truncated
     sequences (cut independently here), and the totals count each kind of cut."""

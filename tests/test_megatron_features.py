@@ -173,6 +173,7 @@ def test_tinyllama_flops_are_near_six_n_t_and_mfu_divides_by_peak():
     assert mfu(1.0, 1.0, 1, None) is None
 
 
+@pytest.mark.slow  # a training run end to end
 def test_metrics_carry_mfu_peak_memory_and_the_wsd_lr(tmp_path, synthetic_prefix):
     out = tmp_path / "run"
     bolt("train", str(TINY_CONFIG), f"output_dir={out}", f"data.prefixes=[{synthetic_prefix}]",

@@ -229,6 +229,7 @@ def test_generate_and_score_ponder_checkpoint(ponder_baseline, tmp_path):
     assert len((tmp_path / "s.jsonl").read_text().splitlines()) == 3
 
 
+@pytest.mark.slow  # export, transformers load, generate, eval and score end to end
 def test_ponder_export_to_hf_matches_megatron(single_rank, tmp_path):
     """A ponder checkpoint (K = 2, q/k/v biases, head dim 32 != 64/4, tied embeddings) exported to
     HF with its modeling code: transformers loads it (trust_remote_code), and its log-likelihood,

@@ -149,6 +149,8 @@ def test_chunk_store_and_workers_give_identical_output(tmp_path, toks, tokenizer
     texts = make_texts(120, seed=5)
     data = write_jsonl(tmp_path / "in.jsonl", texts)
     outs = {}
+    tokenizer_vars = ("TOKENIZERS_PARALLELISM", "RAYON_NUM_THREADS")
+    env = {k: os.environ.get(k) for k in tokenizer_vars}
     for workers, threads in ((1, 1), (2, 1), (1, 2)):
         prefix = str(tmp_path / f"w{workers}t{threads}")
         preprocess(PreprocessConfig([data], prefix, toks[tokenizer_type], tokenizer_type=tokenizer_type,
@@ -157,6 +159,8 @@ def test_chunk_store_and_workers_give_identical_output(tmp_path, toks, tokenizer
         with open(prefix + "_text_document.bin", "rb") as f1, open(prefix + "_text_document.idx", "rb") as f2:
             outs[workers, threads] = (f1.read(), f2.read())
     assert outs[1, 1] == outs[2, 1] == outs[1, 2]
+    # Thread settings reach the worker processes only, never this process's environment.
+    assert {k: os.environ.get(k) for k in tokenizer_vars} == env
     for a, b in (("w1t1", "w1"), ("w2t1", "w2")):
         os.rename(tmp_path / f"{a}.zarr", tmp_path / f"{b}.zarr")
     tok = load_tokenizer(toks[tokenizer_type])
@@ -200,20 +204,39 @@ def test_chunk_poisson_mean_flag(tmp_path, toks):
     assert [b - a for a, b in (uniform.doc_chunk_range(d) for d in range(len(texts)))] == want
 
 
+def test_preprocess_never_sets_tokenizer_variables_in_this_process(tmp_path, toks, monkeypatch):
+    # Thread settings go to the worker processes: other threads of the caller's process (a data
+    # loader, say) must not see TOKENIZERS_PARALLELISM change while preprocessing runs.
+    names = ("TOKENIZERS_PARALLELISM", "RAYON_NUM_THREADS")
+    for name in names:
+        monkeypatch.delenv(name, raising=False)
+    seen, real = [], pp._Progress.update
+
+    def spy(self, docs, tokens):  # runs in this process once per batch
+        seen.append({k: os.environ.get(k) for k in names})
+        return real(self, docs, tokens)
+
+    monkeypatch.setattr(pp._Progress, "update", spy)
+    data = write_jsonl(tmp_path / "in.jsonl", make_texts(20))
+    preprocess(PreprocessConfig([data], str(tmp_path / "x"), toks["HuggingFaceTokenizer"], batch_docs=8,
+                                chunk_store=str(tmp_path / "x.zarr"), progress=False))
+    assert len(seen) == 3 and all(v == dict.fromkeys(names) for v in seen)
+
+
 def test_interrupted_run_leaves_no_output_pair(tmp_path, toks, monkeypatch):
     data = write_jsonl(tmp_path / "in.jsonl", make_texts(50))
     prefix = str(tmp_path / "x")
     preprocess(PreprocessConfig([data], prefix, toks["HuggingFaceTokenizer"], progress=False))
     before = open(prefix + "_text_document.idx", "rb").read()
-    real, calls = pp.encode_batch, []
+    real, calls = pp._Progress.update, []
 
-    def dies_on_third_batch(batch):
+    def dies_on_third_batch(self, docs, tokens):  # in this process, after the third batch is written
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
-        return real(batch)
+        return real(self, docs, tokens)
 
-    monkeypatch.setattr(pp, "encode_batch", dies_on_third_batch)
+    monkeypatch.setattr(pp._Progress, "update", dies_on_third_batch)
     with pytest.raises(KeyboardInterrupt):
         preprocess(PreprocessConfig([data], prefix, toks["HuggingFaceTokenizer"], batch_docs=8,
                                     chunk_store=prefix + ".zarr", append_eod=True, progress=False))

@@ -42,7 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "0 makes every sentence its own chunk")
     g.add_argument("--chunking", default="random", choices=("random", "uniform"),
                    help="random (default): the reference's training chunks; uniform: its validation chunks, "
-                        "ceil(n/8) chunks of as even a number of sentences as possible (for `bolt iwae`)")
+                        "ceil(n/8) chunks of as even a number of sentences as possible (for `bolt iwae`); the 8 is "
+                        "--chunk-poisson-mean + 1, rounded")
     g = parser.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1, help="worker processes (= CPU cores used for tokenizing)")
     g.add_argument("--tokenizer-threads", type=int, default=1,

@@ -9,7 +9,10 @@ as a chunk store (`megatron_bolt.stores.chunk_store`), chunks without EOD.
 Throughput: documents travel in batches; each worker process decodes and validates its batch, then
 tokenizes it with one call into the tokenizer's native batch encoder, and sends back one flat int32
 array per batch. Results are consumed in submission order, so the output is byte-identical for any
-number of workers. Each worker runs its tokenizer on one thread: `workers` is the number of cores used.
+number of workers. Each worker runs its tokenizer on one thread (`workers` is the number of tokenizing
+cores) while this process reads the input and writes the outputs; the workers' thread settings live
+in their own environment, never in the caller's. A `BatchEncoder` (settings only) travels with each
+batch; each worker process loads its tokenizer once (`_worker_tokenizer`).
 
 Bad records are skipped and counted per reason (the first few file:line references kept for the
 summary); `strict` turns the first one into a `UserError`. Everything is written under temporary names
@@ -27,6 +30,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +38,7 @@ import numpy as np
 from megatron_bolt.atomic import commit_together, temp_path
 from megatron_bolt.data.indexed import document_paths, token_dtype
 from megatron_bolt.errors import UserError
+from megatron_bolt.tokenizer import BoltTokenizer, load_tokenizer
 
 REASONS = {
     "invalid_json": "invalid JSON",
@@ -71,7 +76,7 @@ class PreprocessConfig:
     progress: bool = True
     tokenizer_threads: int = 1
     chunk_poisson_mean: float = 7.0  # chunks of min(Poisson(mean) + 1, 20) sentences
-    chunking: str = "random"  # "uniform": the reference's validation chunks (ceil(n / 8), even)
+    chunking: str = "random"  # "uniform": the reference's validation chunks (ceil(n / (mean + 1)), even)
 
 
 @dataclass
@@ -174,22 +179,88 @@ def _iter_parquet(fi: int, path: str, keys: Sequence[str], batch_docs: int) -> I
 # Workers
 # --------------------------------------------------------------------------------------------------
 
-_W: dict = {}
-
-
-def _init_worker(tokenizer_model: str, kind: str, add_latent: bool, keys: Sequence[str], append_eod: bool,
-                 chunk: bool, max_doc_chars: int, threads: int, chunk_poisson_mean: float,
-                 chunking: str = "random") -> None:
-    from megatron_bolt.tokenizer import load_tokenizer
-
+@lru_cache(maxsize=4)
+def _worker_tokenizer(tokenizer_model: str, kind: str, add_latent: bool, threads: int) -> BoltTokenizer:
+    """The tokenizer of this process, loaded once per process and setting (workers receive a fresh
+    `BatchEncoder` with every batch, so the encoder itself cannot hold it)."""
     tokenizer = load_tokenizer(tokenizer_model, add_latent_tokens=add_latent, kind=kind)
-    if hasattr(tokenizer, "num_threads"):
+    if hasattr(tokenizer, "num_threads"):  # SentencePiece; the HF backend's come from the environment
         tokenizer.num_threads = threads
-    _W.update(
-        tokenizer=tokenizer,
-        keys=list(keys), append_eod=append_eod, chunk=chunk, max_doc_chars=max_doc_chars,
-        chunk_poisson_mean=chunk_poisson_mean, uniform=chunking == "uniform",
-    )
+    return tokenizer
+
+
+@dataclass(frozen=True)
+class BatchEncoder:
+    """Validates and tokenizes one batch of records (in a worker, or inline with one worker); small
+    and picklable, so it travels to the workers with each batch."""
+
+    tokenizer_model: str
+    kind: str
+    add_latent_tokens: bool
+    keys: tuple[str, ...]
+    append_eod: bool
+    chunk: bool  # also cut the first key's documents into chunks
+    max_doc_chars: int
+    threads: int
+    chunk_poisson_mean: float
+    uniform: bool  # uniform (validation) chunks instead of the Poisson draw
+
+    @classmethod
+    def from_config(cls, cfg: PreprocessConfig) -> BatchEncoder:
+        return cls(cfg.tokenizer_model, TOKENIZER_TYPES[cfg.tokenizer_type], cfg.add_latent_tokens,
+                   tuple(cfg.json_keys), cfg.append_eod, bool(cfg.chunk_store), cfg.max_doc_chars,
+                   cfg.tokenizer_threads, cfg.chunk_poisson_mean, cfg.chunking == "uniform")
+
+    def __call__(self, batch: list[tuple]) -> dict:
+        from megatron_bolt.data.chunking import chunk_token_lengths
+
+        tok = _worker_tokenizer(self.tokenizer_model, self.kind, self.add_latent_tokens, self.threads)
+        bad, ok_texts = [], []
+        in_bytes = 0
+        for fi, line, payload in batch:
+            if isinstance(payload, bytes):
+                in_bytes += len(payload)
+            texts, reason, detail = _validate(payload, self.keys, self.max_doc_chars)
+            if texts is None:
+                bad.append((reason, fi, line, detail))
+            else:
+                ok_texts.append(texts)
+        out: dict = {"bad": bad, "n": len(ok_texts), "in_bytes": in_bytes, "keys": {}}
+        for k, key in enumerate(self.keys):
+            texts = [t[k] for t in ok_texts]
+            chunk_lengths = None
+            if self.chunk and k == 0:
+                # One tokenization per document; chunk boundaries become token counts through the
+                # tokens' end offsets (chunking.chunk_token_lengths).
+                encoded = tok.encode_batch_with_ends(texts)
+                ids_list = [ids for ids, _ in encoded]
+                chunk_lengths = [chunk_token_lengths(t, ends, self.chunk_poisson_mean, self.uniform)
+                                 for t, (_, ends) in zip(texts, encoded)]
+            else:
+                ids_list = tok.encode_batch(texts)
+            lengths = np.fromiter((len(a) for a in ids_list), dtype=np.int64, count=len(ids_list))
+            if self.append_eod:
+                eod = np.asarray([tok.eod], dtype=np.int32)
+                ids_list = [np.concatenate([a, eod]) for a in ids_list]
+                lengths = lengths + 1
+            flat = np.concatenate(ids_list) if ids_list else np.zeros(0, np.int32)
+            entry = {"tokens": flat.astype(np.int32, copy=False), "lengths": lengths}
+            if chunk_lengths is not None:
+                entry["chunk_lengths"] = (
+                    np.concatenate(chunk_lengths) if chunk_lengths else np.zeros(0, np.int64)
+                )
+                entry["chunks_per_doc"] = np.asarray([len(c) for c in chunk_lengths], dtype=np.int64)
+            out["keys"][key] = entry
+        return out
+
+
+def _worker_environment(tokenizer_threads: int) -> None:
+    """Pool initializer: the HF tokenizer's threads, set in the worker process only. `tokenizers`
+    has no API for them: batch encodes read TOKENIZERS_PARALLELISM at every call and rayon reads
+    RAYON_NUM_THREADS once, when its pool starts. The caller's environment is never touched."""
+    os.environ["TOKENIZERS_PARALLELISM"] = "true" if tokenizer_threads > 1 else "false"
+    if tokenizer_threads > 1:
+        os.environ["RAYON_NUM_THREADS"] = str(tokenizer_threads)
 
 
 def _validate(payload, keys: Sequence[str], max_chars: int) -> tuple[list[str] | None, str, str]:
@@ -231,48 +302,6 @@ def _validate(payload, keys: Sequence[str], max_chars: int) -> tuple[list[str] |
     return texts, "", ""
 
 
-def encode_batch(batch: list[tuple]) -> dict:
-    """Validate and tokenize one batch (runs in a worker, or inline with one worker)."""
-    from megatron_bolt.data.chunking import chunk_token_lengths
-
-    tok, keys = _W["tokenizer"], _W["keys"]
-    bad, ok_texts = [], []
-    in_bytes = 0
-    for fi, line, payload in batch:
-        if isinstance(payload, bytes):
-            in_bytes += len(payload)
-        texts, reason, detail = _validate(payload, keys, _W["max_doc_chars"])
-        if texts is None:
-            bad.append((reason, fi, line, detail))
-        else:
-            ok_texts.append(texts)
-    out: dict = {"bad": bad, "n": len(ok_texts), "in_bytes": in_bytes, "keys": {}}
-    for k, key in enumerate(keys):
-        texts = [t[k] for t in ok_texts]
-        chunk_lengths = None
-        if _W["chunk"] and k == 0:
-            encoded = tok.encode_batch_with_ends(texts)
-            ids_list = [ids for ids, _ in encoded]
-            chunk_lengths = [chunk_token_lengths(t, ends, _W["chunk_poisson_mean"], _W["uniform"])
-                             for t, (_, ends) in zip(texts, encoded)]
-        else:
-            ids_list = tok.encode_batch(texts)
-        lengths = np.fromiter((len(a) for a in ids_list), dtype=np.int64, count=len(ids_list))
-        if _W["append_eod"]:
-            eod = np.asarray([tok.eod], dtype=np.int32)
-            ids_list = [np.concatenate([a, eod]) for a in ids_list]
-            lengths = lengths + 1
-        flat = np.concatenate(ids_list) if ids_list else np.zeros(0, np.int32)
-        entry = {"tokens": flat.astype(np.int32, copy=False), "lengths": lengths}
-        if chunk_lengths is not None:
-            entry["chunk_lengths"] = (
-                np.concatenate(chunk_lengths) if chunk_lengths else np.zeros(0, np.int64)
-            )
-            entry["chunks_per_doc"] = np.asarray([len(c) for c in chunk_lengths], dtype=np.int64)
-        out["keys"][key] = entry
-    return out
-
-
 # --------------------------------------------------------------------------------------------------
 # Driver
 # --------------------------------------------------------------------------------------------------
@@ -312,21 +341,27 @@ class _Progress:
             self.bar.close()
 
 
-def _results(cfg: PreprocessConfig, files: list[str], init_args: tuple) -> Iterator[dict]:
-    """Encoded batches in input order; at most a few batches per worker in flight (bounded memory)."""
-    batches = iter_batches(files, cfg.json_keys, cfg.batch_docs)
-    if cfg.workers <= 1:
-        _init_worker(*init_args)
-        for batch in batches:
-            yield encode_batch(batch)
-        return
+def _results(cfg: PreprocessConfig, files: list[str], encoder: BatchEncoder) -> Iterator[dict]:
+    """Encoded batches in input order; at most a few batches per worker in flight (bounded memory).
+
+    Tokenizing always runs in worker processes, one worker included: their thread settings can
+    then live in their own environment (`_worker_environment`), and this process reads and writes
+    while they tokenize.
+    """
     import multiprocessing as mp
 
-    ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
-    with ctx.Pool(cfg.workers, initializer=_init_worker, initargs=init_args) as pool:
+    batches = iter_batches(files, cfg.json_keys, cfg.batch_docs)
+    if cfg.tokenizer_threads > 1:
+        # A fresh (spawned) process: a forked child would inherit the caller's rayon state, which
+        # `tokenizers` disables after a fork if it was ever used.
+        ctx = mp.get_context("spawn")
+    else:
+        # Fork where possible: the workers inherit the imported modules and the sentence splitter.
+        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else mp.get_context()
+    with ctx.Pool(cfg.workers, initializer=_worker_environment, initargs=(cfg.tokenizer_threads,)) as pool:
         pending: deque = deque()
         for batch in batches:
-            pending.append(pool.apply_async(encode_batch, (batch,)))
+            pending.append(pool.apply_async(encoder, (batch,)))
             if len(pending) >= 3 * cfg.workers:
                 yield pending.popleft().get()
         while pending:
@@ -334,26 +369,11 @@ def _results(cfg: PreprocessConfig, files: list[str], init_args: tuple) -> Itera
 
 
 def preprocess(cfg: PreprocessConfig) -> PreprocessResult:
-    """Run the whole conversion; see the module docstring."""
-    # By default each worker tokenizes on one thread, so `workers` is the number of cores used;
-    # `tokenizer_threads` > 1 lets the HF tokenizer (rayon) / sentencepiece use more per worker.
-    saved = {k: os.environ.get(k) for k in ("TOKENIZERS_PARALLELISM", "RAYON_NUM_THREADS")}
-    os.environ["TOKENIZERS_PARALLELISM"] = "true" if cfg.tokenizer_threads > 1 else "false"
-    if cfg.tokenizer_threads > 1:
-        os.environ["RAYON_NUM_THREADS"] = str(cfg.tokenizer_threads)
-    try:
-        return _preprocess(cfg)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    """Run the whole conversion; see the module docstring.
 
-
-def _preprocess(cfg: PreprocessConfig) -> PreprocessResult:
-    from megatron_bolt.tokenizer import load_tokenizer
-
+    Each worker tokenizes on one thread by default, so `workers` is the number of tokenizing
+    cores; `tokenizer_threads` > 1 lets the HF tokenizer (rayon) / SentencePiece use more per worker.
+    """
     if cfg.tokenizer_type not in TOKENIZER_TYPES:
         raise UserError(f"--tokenizer-type {cfg.tokenizer_type}: choose one of {', '.join(TOKENIZER_TYPES)}")
     if not 0 <= cfg.chunk_poisson_mean <= 100:
@@ -378,9 +398,7 @@ def _preprocess(cfg: PreprocessConfig) -> PreprocessResult:
     chunk_writer = None
     result = PreprocessResult(dtype=np.dtype(dtype).name)
     progress = _Progress(cfg.progress, cfg.log_interval)
-    init_args = (cfg.tokenizer_model, kind, cfg.add_latent_tokens, list(cfg.json_keys), cfg.append_eod,
-                 bool(cfg.chunk_store), cfg.max_doc_chars, cfg.tokenizer_threads, cfg.chunk_poisson_mean,
-                 cfg.chunking)
+    encoder = BatchEncoder.from_config(cfg)
     try:
         if cfg.chunk_store:
             from megatron_bolt.data.chunking import load_sentence_splitter
@@ -391,7 +409,7 @@ def _preprocess(cfg: PreprocessConfig) -> PreprocessResult:
                                             extra_attrs={"chunk_poisson_mean": cfg.chunk_poisson_mean,
                                                          "chunking": cfg.chunking})
         start = time.time()
-        for out in _results(cfg, files, init_args):
+        for out in _results(cfg, files, encoder):
             for reason, fi, line, detail in out["bad"]:
                 where = f"{files[fi]}:{line}"
                 if cfg.strict:

@@ -173,7 +173,7 @@ class EMDriver:
                 inputs[name] = [str(write_jsonl(self.data / f"{name}.jsonl", [{TEXT_KEY: d} for d in docs]))]
             key = TEXT_KEY
         else:
-            inputs = {"warm": c.warm, "rest": c.rest, "valid": c.valid or c.rest[:1]}
+            inputs = {"warm": c.warm, "rest": c.rest, "valid": c.valid}
             key = c.json_key
         if c.tokenizer:
             tokenizer = c.tokenizer
@@ -193,6 +193,8 @@ class EMDriver:
                 inputs=files, output_prefix=str(self.data / name), tokenizer_model=tokenizer,
                 tokenizer_type="HuggingFaceTokenizer", json_keys=[key], chunk_store=self.chunks(name),
                 progress=False, chunk_poisson_mean=c.chunk_poisson_mean,
+                # The reference's validation protocol cuts IWAE documents into uniform chunks.
+                chunking="uniform" if name == "valid" else "random",
             )
 
             def run_preprocess(pcfg: PreprocessConfig = pcfg) -> str:
