@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--export-hf", default=None, metavar="DIR",
                    help="when training reaches train.steps (not after a save-and-exit stop), convert the last "
                         "checkpoint to an HF model in DIR, as `bolt convert mcore-to-hf --ckpt CHECKPOINTS "
-                        "--out DIR` would (CHECKPOINTS: checkpoint.dir, default output_dir/checkpoints) (DIR must not exist or be empty)")
+                        "--out DIR` would; CHECKPOINTS is checkpoint.dir (default output_dir/checkpoints), DIR must not exist or be empty")
     p.add_argument("--export-tokenizer", default=None, metavar="DIR",
                    help="tokenizer directory copied into the export (default: the checkpoints' tokenizer/)")
 
