@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from megatron_bolt.cli import process_defaults, set_torch_threads
 from megatron_bolt.config import EStepConfig
 from megatron_bolt.data.formats import posterior_sampling_prompt, prior_scoring_sequence
 from megatron_bolt.inference.base import Engine
@@ -117,8 +118,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.cpu_time:
         time.perf_counter = time.process_time  # every timer here and in the E-step reads it
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    process_defaults()  # what `bolt` sets for its process: vLLM's engine core in this one
+    set_torch_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, chunks_path = build(tmp, args)
         chunks = ChunkStore.open(chunks_path)

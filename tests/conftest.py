@@ -18,6 +18,10 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = REPO / "examples" / "tiny" / "config.yaml"
 
 
+# The suite is an entry point: it sets what `bolt` sets for its process (cli.process_defaults),
+# here an in-process engine core for the tests that build a vLLM engine themselves.
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 

@@ -319,3 +319,31 @@ def test_validation_store_has_the_references_uniform_chunks(tmp_path):
     assert sentences_per_chunk("valid") == [[6, 7, 7]] * 6
     rest = sentences_per_chunk("rest")
     assert all(sum(c) == 20 for c in rest) and rest != [[6, 7, 7]] * 6
+
+
+def test_training_stopped_by_a_signal_is_not_marked_done(tmp_path, monkeypatch):
+    """`bolt train` exits 0 after a save-and-exit signal; the driver must see that its checkpoint
+    is short of the planned steps, leave the step unfinished (a rerun resumes it) and say so."""
+    from megatron_bolt.config import load_em_config
+    from megatron_bolt.em import driver as em_driver
+    from megatron_bolt.errors import UserError
+    from megatron_bolt.training.checkpoint_layout import LATEST
+
+    cfg = load_em_config(REPO / "examples" / "toy" / "em.yaml", [f"output_dir={tmp_path}"])
+    d = em_driver.EMDriver(cfg)
+    stage = em_driver.Stage(d.root, "iter1")
+    saved = {"step": 3}
+
+    def fake_relaunch(argv, nproc, log=None):  # the trainer: saves `saved["step"]`, exits 0
+        stage.checkpoints.mkdir(parents=True, exist_ok=True)
+        (stage.checkpoints / LATEST).write_text(str(saved["step"]))
+        return 0
+
+    monkeypatch.setattr(em_driver.runtime, "relaunch", fake_relaunch)
+    finished = lambda: em_driver._stopped_early(stage, 5)  # noqa: E731
+    with pytest.raises(UserError, match="stopped at step 3 of 5"):
+        d.launch(stage, "train", ["train"], finished=finished)
+    assert not stage.done("train")
+    saved["step"] = 5
+    d.launch(stage, "train", ["train"], finished=finished)
+    assert stage.done("train")

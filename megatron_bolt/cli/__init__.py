@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import warnings
 
@@ -64,6 +65,7 @@ def _wants_arguments(name: str, argv: list[str]) -> bool:
 def main(argv: list[str] | None = None) -> int:
     """`bolt ARGV...`; `argv` defaults to this process's command line. Returns the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    process_defaults()
     with warnings.catch_warnings():
         quiet_missing_accelerator_libraries()
         parser = build_parser(argv)
@@ -93,6 +95,24 @@ def quiet_missing_accelerator_libraries() -> None:
     """For the command being run (main's catch_warnings scope): drop exactly those warnings."""
     for message in _MISSING_ACCELERATOR_LIBRARIES:
         warnings.filterwarnings("ignore", message=message, category=UserWarning)
+
+
+def process_defaults() -> None:
+    """Settings of this process that libraries read from its environment, set by the entry point
+    (never by library code), and only where the user has not set them.
+
+    VLLM_ENABLE_V1_MULTIPROCESSING=0: an in-process vLLM engine (`--engine vllm`) runs its engine
+    core in this process instead of a child: it loads in seconds, and nothing outlives a killed run.
+    """
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+
+
+def set_torch_threads(threads: int | None) -> None:
+    """torch's CPU threads for this process (None: torch's default), a command's own choice."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_bolt.cli import set_torch_threads
 from megatron_bolt.config import load_em_config
 
 
@@ -24,7 +25,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from megatron_bolt.em.driver import EMDriver
 
-    driver = EMDriver(load_em_config(args.config, args.overrides))
+    cfg = load_em_config(args.config, args.overrides)
+    set_torch_threads(cfg.engine.threads)  # for the E-step and IWAE, which run in this process
+    driver = EMDriver(cfg)
     if args.plan:
         print(driver.plan_table())
         return 0

@@ -10,6 +10,7 @@ import argparse
 import os
 import sys
 
+from megatron_bolt.cli import set_torch_threads
 from megatron_bolt.config import EngineConfig, EStepConfig
 from megatron_bolt.errors import UserError
 
@@ -85,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
     shard = parse_shard(args.shard)
     settings = estep_config(args, args.samples)
     engine_cfg = engine_config(args)
+    set_torch_threads(engine_cfg.threads)
     chunks = open_chunk_store(args.chunks)
     meta = {"engine": args.engine, "model": os.path.abspath(args.model), "chunks": str(args.chunks)}
     block_size = args.block_size or existing_block_size(args.out) or 256

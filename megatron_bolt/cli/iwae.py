@@ -11,6 +11,7 @@ import argparse
 import os
 
 from megatron_bolt.atomic import atomic_write_json
+from megatron_bolt.cli import set_torch_threads
 from megatron_bolt.cli.estep import add_engine_arguments, engine_config, estep_config
 from megatron_bolt.errors import UserError
 from megatron_bolt.stores.chunk_store import open_chunk_store
@@ -38,7 +39,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--samples values must be >= 1")
     settings = estep_config(args, max(ns))
     chunks = open_chunk_store(args.chunks)
-    engine = open_engine(args.model, engine_config(args))
+    engine_cfg = engine_config(args)
+    set_torch_threads(engine_cfg.threads)
+    engine = open_engine(args.model, engine_cfg)
     try:
         result = run_iwae(engine, chunks, ns, settings, args.max_chunks, progress=not args.quiet,
                           protocol=args.protocol, max_docs=args.max_docs)

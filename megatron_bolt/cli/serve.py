@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from megatron_bolt.cli import set_torch_threads
 from megatron_bolt.errors import UserError
 
 
@@ -24,10 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         raise UserError(f"{args.model}: no config.json (expected an HF export directory)")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
+    set_torch_threads(args.threads)
     from megatron_bolt.inference.sglang_standin import serve
 
     if args.context_length is not None and args.context_length < 8:

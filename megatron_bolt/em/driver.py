@@ -105,6 +105,18 @@ def _tail(path: Path, n: int = 8) -> str:
     return "\n".join("    " + x for x in lines[-n:])
 
 
+def _stopped_early(stage: Stage, steps: int) -> str | None:
+    """Why the stage's training, which exited 0, is not finished: a save-and-exit signal (SIGTERM,
+    train.exit_signal) ends `bolt train` with exit code 0 after saving, as Megatron-LM's does."""
+    from megatron_bolt.training.checkpoint_layout import latest_step
+
+    saved = latest_step(stage.checkpoints)
+    if saved is not None and saved >= steps:
+        return None
+    return (f"training stopped at step {saved or 0} of {steps} (a save-and-exit signal?): "
+            "run the same command again to resume it")
+
+
 class EMDriver:
     def __init__(self, cfg: EMConfig):
         self.cfg = cfg
@@ -137,8 +149,11 @@ class EMDriver:
         print(f"[em] {stage.name:<10} {step:<10} done in {time.perf_counter() - start:5.1f}s | {summary[:110]}",
               flush=True)
 
-    def launch(self, stage: Stage, step: str, argv: list[str], nproc: int = 1, clean: tuple[Path, ...] = ()) -> None:
-        """Run `bolt <argv>` as `nproc` child ranks (runtime.relaunch), output to the step's log."""
+    def launch(self, stage: Stage, step: str, argv: list[str], nproc: int = 1, clean: tuple[Path, ...] = (),
+               finished: Callable[[], str | None] | None = None) -> None:
+        """Run `bolt <argv>` as `nproc` child ranks (runtime.relaunch), output to the step's log.
+        `finished()` returns why a child that exited 0 did not finish its work (None: it did), and
+        then the step is not marked done."""
 
         def child() -> str:
             path = stage.log(step)
@@ -148,6 +163,9 @@ class EMDriver:
                 code = runtime.relaunch(argv, nproc, log=out)
             if code != 0:
                 raise UserError(f"exit code {code}; last lines of the log:\n{_tail(path)}")
+            unfinished = finished() if finished else None
+            if unfinished:
+                raise UserError(unfinished)
             lines = _tail(path, 1).strip()
             return lines
 
@@ -336,7 +354,7 @@ class EMDriver:
         # the HF export is made by the training's own rank 0 when it is done: one process start less
         self.launch(stage, "train", ["train", str(config), "--nproc-per-node", str(self.cfg.nproc_per_node),
                                      "--export-hf", str(stage.hf), "--export-tokenizer", self.tokenizer],
-                    nproc=self.cfg.nproc_per_node, clean=(stage.hf,))
+                    nproc=self.cfg.nproc_per_node, clean=(stage.hf,), finished=lambda: _stopped_early(stage, t.steps))
         if stage.hf.is_dir():
             stage.mark("export")
 

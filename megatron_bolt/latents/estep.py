@@ -262,7 +262,8 @@ def weigh_latents(
 
 
 def open_engine(model_dir: str, cfg: EngineConfig) -> Engine:
-    """The engine that runs the E-step and the IWAE bound on the HF export `model_dir`."""
+    """The engine that runs the E-step and the IWAE bound on the HF export `model_dir`. `cfg.threads`
+    is the process's to set (torch.set_num_threads is process-wide): the entry points do it."""
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise UserError(f"{model_dir}: no config.json (expected an HF export directory)")
     check_section(cfg, "engine.")
@@ -273,10 +274,6 @@ def open_engine(model_dir: str, cfg: EngineConfig) -> Engine:
 
         client = SGLangEngine if cfg.engine == "sglang" else VLLMServerEngine
         return client(cfg.server, options=PoolOptions(concurrency=cfg.concurrency), context_length=cfg.context_length)
-    import torch
-
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     if cfg.engine == "vllm":
         from megatron_bolt.inference.vllm import VLLMEngine
 

@@ -1,9 +1,6 @@
 """Megatron-Core distributed checkpoints, loadable at a TP/PP different from the one saved.
 
-Layout of a checkpoint directory (Megatron-LM's convention, plus the run config):
-    CKPT/latest_checkpointed_iteration.txt   the newest complete step
-    CKPT/iter_0000100/                        a `dist_checkpointing` checkpoint
-    CKPT/run_config.yaml                      the RunConfig that made it (model shape, parallelism)
+Layout of a checkpoint directory: checkpoint_layout.py (Megatron-LM's convention, plus the run config).
 A step directory is written under a temporary name and renamed, and the "latest" file is replaced
 atomically after that, so a crash mid-save leaves the previous checkpoint as the latest.
 
@@ -32,38 +29,22 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.transformer.module import Float16Module
 
 from megatron_bolt.atomic import atomic_write_text
-from megatron_bolt.config import RunConfig, _build, upgrade_saved_tree
+from megatron_bolt.config import RunConfig
 from megatron_bolt.errors import UserError
+from megatron_bolt.training.checkpoint_layout import (
+    LATEST,
+    RUN_CONFIG,
+    latest_step,
+    read_run_config,
+    step_dir,
+)
 
-LATEST = "latest_checkpointed_iteration.txt"
-RUN_CONFIG = "run_config.yaml"
 # Checkpoints written before the content metadata was saved used this optimizer format.
 _LEGACY_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
 # Layers from Transformer Engine carry `_extra_state` (FP8 scaling metadata) that a checkpoint
 # written with the local spec (and every conversion) lacks; only those keys may be absent.
 EXTRA_STATE = "_extra_state"
 _FULLY_RESHARDABLE = ("fully_reshardable", "fully_sharded_model_space")
-
-
-def step_dir(ckpt_dir: str | Path, step: int) -> Path:
-    return Path(ckpt_dir) / f"iter_{step:07d}"
-
-
-def latest_step(ckpt_dir: str | Path) -> int | None:
-    path = Path(ckpt_dir) / LATEST
-    if not path.is_file():
-        return None
-    text = path.read_text().strip()
-    if not text.isdigit():
-        raise UserError(f"{path}: expected a step number, found {text!r}")
-    return int(text)
-
-
-def read_run_config(ckpt_dir: str | Path) -> RunConfig:
-    path = Path(ckpt_dir) / RUN_CONFIG
-    if not path.is_file():
-        raise UserError(f"{ckpt_dir}: not a megatron-bolt checkpoint (no {RUN_CONFIG})")
-    return _build(RunConfig, upgrade_saved_tree(yaml.safe_load(path.read_text()) or {}), "")
 
 
 def _model_state(model_chunks: list[torch.nn.Module], metadata: dict | None = None) -> dict:
