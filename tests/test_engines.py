@@ -86,6 +86,38 @@ def test_lean_llama_logprobs_match_transformers_forward(model_dir, reference):
             assert len(r.input_logprobs) == len(ref) and max(abs(a - b) for a, b in zip(ref, r.input_logprobs)) < 1e-5
 
 
+@pytest.mark.parametrize("lean", [True, False])
+def test_scoring_a_few_rows_at_a_time_gives_the_same_sums(model_dir, reference, monkeypatch, lean):
+    """Scoring computes the continuation log-probs a slice of rows at a time; slices of one row
+    and of the whole batch give the same sums, and both are transformers' (both forward paths)."""
+    import megatron_bolt.inference.local as local
+
+    eng = LocalEngine(model_dir, lean=lean)
+    prompts = [p for p in PROMPTS for _ in range(3)]
+    conts = [[(7 * i + j) % 40 + 4 for j in range(2 + i % 5)] for i in range(len(prompts))]
+    whole = eng.score(prompts, conts)
+    monkeypatch.setattr(local, "_LOGPROB_CHUNK_ELEMENTS", 1)
+    assert eng.score(prompts, conts) == whole
+    for p, c, g in zip(prompts, conts, whole):
+        assert abs(sum(forward_logprobs(reference, p, c)) - g) < 1e-4
+
+
+def test_lean_rope_per_call_equals_the_table(model_dir, reference, monkeypatch):
+    """cos/sin from the per-cache table (static RoPE) or per call (RoPE types whose frequencies
+    depend on the length) give the same tokens and transformers' log-probs."""
+    import megatron_bolt.inference.lean_llama as lean_llama
+
+    table = LocalEngine(model_dir).sample(PROMPTS, n=2, max_new_tokens=12, stop=STOP, seed=4)
+    monkeypatch.setattr(lean_llama, "_LENGTH_DEPENDENT_ROPE", ("default",))
+    eng = LocalEngine(model_dir)
+    per_call = eng.sample(PROMPTS, n=2, max_new_tokens=12, stop=STOP, seed=4)
+    assert eng._lean is not None and eng._lean._rope_table is None
+    assert [[s.tokens for s in ss] for ss in per_call] == [[s.tokens for s in ss] for ss in table]
+    for prompt, samples in zip(PROMPTS, per_call):
+        for s in samples:
+            assert max(abs(a - b) for a, b in zip(forward_logprobs(reference, prompt, s.tokens), s.logprobs)) < 1e-5
+
+
 def test_lean_llama_plain_linear_path_matches_forward(model_dir, reference, monkeypatch):
     """The kernels a GPU gets (F.linear over the fused weights, which the modules then view): the
     same log-probs, and transformers' own forward over the re-bound module weights is unchanged."""

@@ -13,7 +13,11 @@ lm_head) from the model's own modules and weights, with less work per step:
   decode attention reads a prompt's keys once for all of its samples, with the query heads that
   share a KV head stacked into one matmul (no `repeat_kv` copy, no 4-D float mask); multi-token
   passes use SDPA with `enable_gqa`;
-- the mask is built from the 2-D key mask once per call, not through transformers' mask machinery.
+- the mask is built from the 2-D key mask once per call, not through transformers' mask machinery;
+- fewer kernels per layer, which is what a decode step of a small model pays for: RMSNorm is
+  `F.rms_norm` (one kernel, the formula of LlamaRMSNorm), RoPE is applied to q and k together in
+  three kernels (`_rope`), cos/sin come from a table the model's own rotary module computes once per
+  cache instead of at every step, and residual adds and the gated MLP work in place.
 The numbers agree with transformers' forward to float32 rounding (tests/test_engines.py checks log-
 probs to 1e-5), not bit for bit: kernels and summation order differ.
 
@@ -25,6 +29,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+# RoPE variants whose frequencies depend on the sequence length (transformers' dynamic_rope_update):
+# their cos/sin are computed per call, as transformers does, not from a table.
+_LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """transformers' `x * cos + rotate_half(x) * sin` in three kernels: rotate_half(x) is
+    roll(x, d/2) with the first half negated, and that sign is folded into `sin_signed`."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
 
 
 def _cpu_packed_linear(weight: torch.Tensor, bias: torch.Tensor | None, rows_hint: int):
@@ -69,6 +83,18 @@ def _cat_linear(mods, rows_hint: int):
                 m.bias.data = bias[at : at + n]
             at += n
     return fn
+
+
+def _rms_norm(module):
+    """transformers' LlamaRMSNorm (weight * x / sqrt(mean(x^2) + eps), in float32) as one kernel."""
+    weight, eps = module.weight.detach(), module.variance_epsilon
+
+    def norm(x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32:
+            return F.rms_norm(x, weight.shape, weight, eps)
+        return weight * F.rms_norm(x.float(), weight.shape, None, eps).to(x.dtype)
+
+    return norm
 
 
 class KVCache:
@@ -193,11 +219,9 @@ class LeanLlama:
         return all(type(layer).__name__ == "LlamaDecoderLayer" for layer in model.model.layers)
 
     def __init__(self, model, rows_hint: int = 64) -> None:
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-        self._rope_apply = apply_rotary_pos_emb
         inner = model.model
-        self.embed, self.rotary, self.norm = inner.embed_tokens, inner.rotary_emb, inner.norm
+        self.embed, self.rotary, self.norm = inner.embed_tokens, inner.rotary_emb, _rms_norm(inner.norm)
+        self._rope_table: tuple[torch.Tensor, torch.Tensor] | None = None
         self.lm_head = _linear(model.lm_head.weight, model.lm_head.bias, rows_hint)[0]
         attn0 = inner.layers[0].self_attn
         self.head_dim = attn0.head_dim
@@ -209,10 +233,10 @@ class LeanLlama:
         for layer in inner.layers[: model.config.num_hidden_layers]:
             a, m = layer.self_attn, layer.mlp
             self.layers.append((
-                layer.input_layernorm,
+                _rms_norm(layer.input_layernorm),
                 _cat_linear([a.q_proj, a.k_proj, a.v_proj], rows_hint),
                 _linear(a.o_proj.weight, a.o_proj.bias, rows_hint)[0],
-                layer.post_attention_layernorm,
+                _rms_norm(layer.post_attention_layernorm),
                 _cat_linear([m.gate_proj, m.up_proj], rows_hint),
                 _linear(m.down_proj.weight, m.down_proj.bias, rows_hint)[0],
                 m.act_fn,
@@ -220,11 +244,24 @@ class LeanLlama:
 
     def new_cache(self, rows: int, capacity: int) -> KVCache:
         """An empty cache for up to `capacity` positions (rows are set by the first forward)."""
+        if self.rotary.rope_type not in _LENGTH_DEPENDENT_ROPE and (
+                self._rope_table is None or len(self._rope_table[0]) < capacity):
+            self._rope_table = self._cos_sin(torch.arange(capacity, device=self.device)[None])
         return KVCache(len(self.layers), self.kv_heads, capacity, self.head_dim, self.dtype, self.device)
 
+    def _cos_sin(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and the sign-folded sin of `_rope` at positions pos [B, T], as [B, 1, T, head_dim]
+        (broadcast over heads); the model's rotary module computes them, elementwise in position."""
+        probe = torch.empty(0, dtype=self.dtype, device=self.device)
+        cos, sin = self.rotary(probe, position_ids=pos)
+        half = sin.shape[-1] // 2
+        sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+        return cos[:, None], sin[:, None]
+
     def forward(self, ids: torch.Tensor, key_mask: torch.Tensor, pos: torch.Tensor, cache: KVCache,
-                keep: int = 0) -> torch.Tensor:
-        """Logits of the last `keep` positions (0: all) for `ids` [B, T] appended to `cache`.
+                keep: int = 0, head: bool = True) -> torch.Tensor:
+        """Logits of the last `keep` positions (0: all) for `ids` [B, T] appended to `cache`; with
+        head=False the final-normed hidden states instead (`lm_head` makes them logits).
 
         key_mask [B, cache.length + T]: 1 where the key is a real token (0: left padding); pos [B, T]
         the tokens' positions. Query t attends to the real keys up to its own position, and always to
@@ -246,13 +283,17 @@ class LeanLlama:
             allowed = (key_ok[:, None, :] & (k_at <= q_at)[None]) | (k_at == q_at)[None]
             allowed = allowed[:, None]  # [B, 1, T, end]
         x = self.embed(ids)
-        cos, sin = self.rotary(x, position_ids=pos)
+        if self._rope_table is not None:
+            cos, sin = (t[0, 0, pos][:, :, None] for t in self._rope_table)  # [B, T, 1, d]
+        else:
+            cos, sin = (t.transpose(1, 2) for t in self._cos_sin(pos))
         for i, (norm1, qkv, o_proj, norm2, gate_up, down, act) in enumerate(self.layers):
             y = qkv(norm1(x))
-            q = y[..., :nq].view(B, T, h, d).transpose(1, 2)
-            k = y[..., nq : nq + nkv].view(B, T, kvh, d).transpose(1, 2)
+            # q and k rotated together, in the [B, T, heads, d] layout of the projection's output
+            qk = _rope(y[..., : nq + nkv].view(B, T, h + kvh, d), cos, sin)
+            q = qk[:, :, :h].transpose(1, 2)
+            k = qk[:, :, h:].transpose(1, 2)
             v = y[..., nq + nkv :].view(B, T, kvh, d).transpose(1, 2)
-            q, k = self._rope_apply(q, k, cos, sin)
             cache.write(i, k, v)
             if past == 0:
                 keys, values = cache.prefix_k[i], cache.prefix_v[i]
@@ -264,10 +305,11 @@ class LeanLlama:
                 att = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=self.scaling,
                                                      enable_gqa=True)
                 att = att.transpose(1, 2).reshape(B, T, nq)
-            x = x + o_proj(att)
+            x = x + o_proj(att)  # a new tensor: the embedding's output must not be written to
             g, u = gate_up(norm2(x)).chunk(2, dim=-1)
-            x = x + down(act(g) * u)
+            x.add_(down(act(g).mul_(u)))
         cache.advance(T)
         if keep:
             x = x[:, -keep:]
-        return self.lm_head(self.norm(x))
+        x = self.norm(x)
+        return self.lm_head(x) if head else x

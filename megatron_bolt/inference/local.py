@@ -99,6 +99,10 @@ def preallocated_cache(capacity: int):
     return cache
 
 
+# log-probs computed per slice of rows in scoring: about 16 MB of float32 at a time
+_LOGPROB_CHUNK_ELEMENTS = 1 << 22
+
+
 @dataclass
 class RowResult:
     """Generation result of one row; input_logprobs[j] is the log-prob of prompt token start+1+j."""
@@ -260,14 +264,24 @@ class LocalEngine(Engine):
         mask = torch.cat([p_mask, c_mask], dim=1)
         # Continuation token t is predicted by the prompt's last logits (t = 0) or by the
         # continuation logits at t-1; the last continuation position predicts nothing we need.
+        picked = torch.zeros((len(idx), c_len), dtype=torch.float32, device=self.device)
+        picked[:, 0] = torch.log_softmax(first, dim=-1).gather(-1, c_ids[:, :1])[:, 0]
         if c_len > 1:
-            rest = self._forward(c_ids[:, :-1], mask[:, :-1], c_pos[:, :-1], cache)
-            logits = torch.cat([first[:, None, :], rest], dim=1)
-        else:
-            logits = first[:, None, :]
-        # one fused pass (measured faster on CPU than logit - logsumexp); memory is bounded by
-        # max_logit_elements through the batching in `score`
-        picked = torch.log_softmax(logits, dim=-1).gather(-1, c_ids[:, :, None])[:, :, 0]
+            args = (c_ids[:, :-1], mask[:, :-1], c_pos[:, :-1], cache)
+            if self._lean is not None:  # hidden states: logits are made a few rows at a time below
+                hidden = self._lean.forward(*args, head=False)
+                rows_logits = lambda a, b: self._lean.lm_head(hidden[a:b]).float()  # noqa: E731
+            else:
+                rest = self._forward(*args)
+                rows_logits = lambda a, b: rest[a:b]  # noqa: E731
+            # log_softmax + gather over a few rows at a time: the [rows, c_len, vocab] log-probs
+            # never exist at once (on CPU a whole-batch pass spent most of its time faulting in
+            # hundreds of MB of fresh pages; a few MB stay in cache)
+            step = max(1, _LOGPROB_CHUNK_ELEMENTS // ((c_len - 1) * self.vocab_size))
+            for a in range(0, len(idx), step):
+                b = min(a + step, len(idx))
+                logp = torch.log_softmax(rows_logits(a, b), dim=-1)
+                picked[a:b, 1:] = logp.gather(-1, c_ids[a:b, 1:, None])[:, :, 0]
         sums = (picked * c_mask).sum(-1).tolist()
         for b, i in enumerate(idx):
             scores[i] = float(sums[b])
