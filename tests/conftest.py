@@ -107,6 +107,43 @@ def _session_processes(tag: str) -> list[tuple[int, str]]:
     return found
 
 
+# ------------------------------------------------------------------ two workers (pytest-xdist)
+# `make test` runs the suite on two pytest-xdist workers with `--dist loadscope`: each module goes
+# whole to one worker, so its module-scoped fixtures (trained checkpoints, a vLLM engine, a SLURM
+# cluster) are built once. The README test reads the session's micro EM run, so it goes with the EM
+# tests (SHARED_SCOPE). Modules are handed out in collection order, which puts the longest first
+# (measured, serial run on 2 idle cores, 2026-12-02: training 205 s, EM + README 194 s, CLI settings
+# 133 s, SLURM 108 s, ponder 87 s, vLLM 78 s, ...) so that no long module starts last.
+SHARED_SCOPE = {"tests/test_readme.py": "tests/test_em.py"}
+LONGEST_FIRST = ("test_training", "test_em", "test_readme", "test_cli_gpu_settings", "test_slurm", "test_ponder",
+                 "test_vllm", "test_megatron_features", "test_convert", "test_serve_router", "test_estep")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(rank)))  # stable: a module keeps its order
+
+
+class _ModuleScheduling:
+    """pytest-xdist hook: loadscope scheduling with SHARED_SCOPE's modules merged."""
+
+    @staticmethod
+    def pytest_xdist_make_scheduler(config: pytest.Config, log):
+        from xdist.scheduler import LoadScopeScheduling
+
+        class Scheduling(LoadScopeScheduling):
+            def _split_scope(self, nodeid: str) -> str:
+                scope = super()._split_scope(nodeid)
+                return SHARED_SCOPE.get(scope, scope)
+
+        return Scheduling(config, log) if config.getvalue("dist") == "loadscope" else None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(_ModuleScheduling(), "megatron_bolt_module_scheduling")
+
+
 def pytest_sessionstart(session: pytest.Session) -> None:
     os.environ[SESSION_VAR] = f"{os.getpid()}-{time.time_ns()}"
 
