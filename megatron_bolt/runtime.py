@@ -168,7 +168,8 @@ def init_distributed(
 
     `env` says where this rank stands (default: `detect_env()` of this process's environment); the
     ranks meet at its master address through a TCPStore (`tcp://` init; under torchrun, its agent's
-    store), so nothing is exported to `os.environ`. Only the backend and the device depend on CUDA;
+    store; a single rank uses an in-process HashStore, on GPU and CPU alike), so nothing is exported
+    to `os.environ`. Only the backend and the device depend on CUDA;
     the parallel state is created with the same arguments either way (`gloo_process_groups` is
     Megatron-LM's --disable-gloo-process-groups, and must be the flag the optimizer is built with:
     megatron_bolt.training.settings). Without CUDA, the entry point must have installed the CPU
@@ -183,14 +184,15 @@ def init_distributed(
     if not dist.is_initialized():
         if use_cuda:
             torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
-        host = f"[{env.master_addr}]" if ":" in env.master_addr else env.master_addr  # IPv6
-        dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo",
-            init_method=f"tcp://{host}:{env.master_port}",
-            rank=env.rank,
-            world_size=env.world_size,
-            timeout=datetime.timedelta(minutes=timeout_min),
-        )
+        backend, timeout = ("nccl" if use_cuda else "gloo"), datetime.timedelta(minutes=timeout_min)
+        if env.world_size == 1:
+            # One rank meets nobody: an in-process store, so no port is bound (two single-rank jobs
+            # starting at once on a machine could otherwise both pick the same "free" port).
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        else:
+            host = f"[{env.master_addr}]" if ":" in env.master_addr else env.master_addr  # IPv6
+            dist.init_process_group(backend=backend, init_method=f"tcp://{host}:{env.master_port}",
+                                    rank=env.rank, world_size=env.world_size, timeout=timeout)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tp,
