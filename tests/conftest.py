@@ -52,8 +52,10 @@ def bolt(*args: str, nproc: int = 1, timeout: int = 600, env: dict | None = None
     """Run the bolt CLI as a user would: one process, or `torchrun --nproc-per-node nproc`."""
     full_env = scrubbed_env(**(env or {}))
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "megatron_bolt", *args]
+        # --standalone: torchrun binds its rendezvous port itself (no port picked here that a
+        # concurrent test could take first), as runtime.launch_command does
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "megatron_bolt", *args]
     else:
         cmd = [sys.executable, "-m", "megatron_bolt", *args]
     if Path(cwd) != REPO:
