@@ -13,7 +13,6 @@ import os
 import random
 import re
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterable
@@ -33,7 +32,7 @@ class DistEnv:
     world_size: int
     local_rank: int
     master_addr: str
-    master_port: int
+    master_port: int  # where the ranks meet; unused by a single rank (0: none)
 
 
 def first_slurm_host(nodelist: str) -> str:
@@ -71,7 +70,7 @@ def detect_env(environ: dict[str, str] | None = None) -> DistEnv:
             master_addr=env.get("MASTER_ADDR") or (first_slurm_host(nodelist) if nodelist else "127.0.0.1"),
             master_port=int(env.get("MASTER_PORT") or _slurm_port(env.get("SLURM_JOB_ID"))),
         )
-    return DistEnv(0, 1, 0, "127.0.0.1", _free_port())
+    return DistEnv(0, 1, 0, "127.0.0.1", 0)
 
 
 def under_launcher(environ: dict[str, str] | None = None) -> bool:
@@ -84,8 +83,8 @@ def under_launcher(environ: dict[str, str] | None = None) -> bool:
 
 def single_rank_env() -> DistEnv:
     """A job that is exactly one rank on this machine (what torchrun gives --nproc-per-node 1), so
-    a stray SLURM allocation size is not mistaken for ranks. MASTER_PORT is honoured when set."""
-    return DistEnv(0, 1, 0, "127.0.0.1", int(os.environ.get("MASTER_PORT") or _free_port()))
+    a stray SLURM allocation size is not mistaken for ranks. It binds no port (init_distributed)."""
+    return DistEnv(0, 1, 0, "127.0.0.1", 0)
 
 
 def rank_env() -> DistEnv:
@@ -142,12 +141,6 @@ def relaunch(argv: list[str], nproc: int = 1, log: IO[str] | None = None, env: d
             signal.signal(sig, handler)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
@@ -166,11 +159,11 @@ def init_distributed(
 ) -> DistEnv:
     """Start torch.distributed (NCCL on GPU, gloo on CPU) and Megatron-Core's TP/PP/CP/DP groups.
 
-    `env` says where this rank stands (default: `detect_env()` of this process's environment); the
+    `env` says where this rank stands (default: `detect_env()` of this process's environment). The
     ranks meet at its master address through a TCPStore (`tcp://` init; under torchrun, its agent's
-    store; a single rank uses an in-process HashStore, on GPU and CPU alike), so nothing is exported
-    to `os.environ`. Only the backend and the device depend on CUDA;
-    the parallel state is created with the same arguments either way (`gloo_process_groups` is
+    store); a single rank uses an in-process HashStore instead, on GPU and CPU alike, and binds no
+    port. Nothing is exported to `os.environ`. Only the backend and the device depend on CUDA; the
+    parallel state is created with the same arguments either way (`gloo_process_groups` is
     Megatron-LM's --disable-gloo-process-groups, and must be the flag the optimizer is built with:
     megatron_bolt.training.settings). Without CUDA, the entry point must have installed the CPU
     compatibility layer first (`megatron_bolt.compat.cpu.install()`).

@@ -113,7 +113,8 @@ def _session_processes(tag: str) -> list[tuple[int, str]]:
 # `make test` runs the suite on two pytest-xdist workers with `--dist loadscope`: each module goes
 # whole to one worker, so its module-scoped fixtures (trained checkpoints, a vLLM engine, a SLURM
 # cluster) are built once. The README test reads the session's micro EM run, so it goes with the EM
-# tests (SHARED_SCOPE). Modules are handed out in collection order, which puts the longest first
+# tests (SHARED_SCOPE). Modules are handed out in collection order (the Makefile's
+# --no-loadscope-reorder; xdist would otherwise order them by test count), which puts the longest first
 # (measured, serial run on 2 idle cores, 2026-12-02: training 205 s, EM + README 194 s, CLI settings
 # 133 s, SLURM 108 s, ponder 87 s, vLLM 78 s, ...) so that no long module starts last.
 SHARED_SCOPE = {"tests/test_readme.py": "tests/test_em.py"}

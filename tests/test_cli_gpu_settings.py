@@ -14,7 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import REPO, TINY_CONFIG, bolt, free_port
+from conftest import REPO, TINY_CONFIG, bolt
 
 FAST = ["model.seq_len=64", "train.micro_batch=2", "train.global_batch=4", "train.warmup=1"]
 
@@ -59,7 +59,7 @@ def test_cli_reproduces_defects_1_to_4_fixed(tmp_path, synthetic_prefix):
 
 
 def _start(args: list[str], nproc: int = 1) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "MASTER_PORT": str(free_port())}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR"):
         env.pop(key, None)
     cmd = [sys.executable, "-m", "megatron_bolt", "train", *args]

@@ -132,7 +132,7 @@ def test_resume_after_kills_equals_uninterrupted(micro_em_run, tmp_path):
             out_path.read_text()[-3000:]
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        if step == "train":  # it takes many seconds: the kill must have hit them mid-run
+        if step == "train":  # it takes many seconds: the kill must have hit it mid-run
             assert not (run / stage / ".done" / step).exists(), f"{point} finished before the kill"
     bolt("em", *cfg, timeout=900)
 

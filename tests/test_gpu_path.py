@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_CONFIG, free_port
+from conftest import TINY_CONFIG
 
 from megatron_bolt.config import load_config
 from megatron_bolt.errors import UserError
@@ -25,7 +25,6 @@ FAST = ["train.warmup=1", "train.log_interval=100", "model.seq_len=64", "train.m
 def rank_env(monkeypatch, megatron_cpu):
     for key, value in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setenv("MASTER_PORT", str(free_port()))
 
 
 def _cfg(tmp_path: Path, name: str, prefix: str, *overrides: str):

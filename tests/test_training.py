@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, TINY_CONFIG, bolt, free_port
+from conftest import REPO, TINY_CONFIG, bolt
 
 
 def _losses(output_dir) -> dict[int, float]:
@@ -55,7 +55,7 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, synthetic_prefix):
     reference = _losses(tmp_path / "full")
 
     out = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("RANK", None)
     # Its own process group, killed whole as a scheduler or Ctrl-C would: Megatron's checkpoint
     # writer keeps a multiprocessing Manager server (a spawned child with a socket) that a kill of

@@ -15,4 +15,3 @@ def relaunch_if_needed(args: argparse.Namespace, nproc: int, forward: list[signa
     if runtime.under_launcher() or nproc <= 1:
         return None
     return runtime.relaunch(args._argv, nproc, forward_signals=forward)
-

@@ -14,8 +14,8 @@ lm_head) from the model's own modules and weights, with less work per step:
   share a KV head stacked into one matmul (no `repeat_kv` copy, no 4-D float mask); multi-token
   passes use SDPA with `enable_gqa`;
 - the mask is built from the 2-D key mask once per call, not through transformers' mask machinery;
-- fewer kernels per layer, which is what a decode step of a small model pays for: RMSNorm is
-  `F.rms_norm` (one kernel, the formula of LlamaRMSNorm), RoPE is applied to q and k together in
+- fewer operations per layer, which is what a decode step of a small model pays for: RMSNorm is
+  one `F.rms_norm` call (the formula of LlamaRMSNorm), RoPE is applied to q and k together in
   three kernels (`_rope`), cos/sin come from a table the model's own rotary module computes once per
   cache instead of at every step, and residual adds and the gated MLP work in place.
 The numbers agree with transformers' forward to float32 rounding (tests/test_engines.py checks log-
@@ -86,7 +86,7 @@ def _cat_linear(mods, rows_hint: int):
 
 
 def _rms_norm(module):
-    """transformers' LlamaRMSNorm (weight * x / sqrt(mean(x^2) + eps), in float32) as one kernel."""
+    """transformers' LlamaRMSNorm (weight * x / sqrt(mean(x^2) + eps), in float32) as one call."""
     weight, eps = module.weight.detach(), module.variance_epsilon
 
     def norm(x: torch.Tensor) -> torch.Tensor:
@@ -245,18 +245,18 @@ class LeanLlama:
     def new_cache(self, rows: int, capacity: int) -> KVCache:
         """An empty cache for up to `capacity` positions (rows are set by the first forward)."""
         if self.rotary.rope_type not in _LENGTH_DEPENDENT_ROPE and (
-                self._rope_table is None or len(self._rope_table[0]) < capacity):
+                self._rope_table is None or self._rope_table[0].shape[1] < capacity):
             self._rope_table = self._cos_sin(torch.arange(capacity, device=self.device)[None])
         return KVCache(len(self.layers), self.kv_heads, capacity, self.head_dim, self.dtype, self.device)
 
     def _cos_sin(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and the sign-folded sin of `_rope` at positions pos [B, T], as [B, 1, T, head_dim]
+        """cos and the sign-folded sin of `_rope` at positions pos [B, T], as [B, T, 1, head_dim]
         (broadcast over heads); the model's rotary module computes them, elementwise in position."""
         probe = torch.empty(0, dtype=self.dtype, device=self.device)
         cos, sin = self.rotary(probe, position_ids=pos)
         half = sin.shape[-1] // 2
         sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
-        return cos[:, None], sin[:, None]
+        return cos[:, :, None], sin[:, :, None]
 
     def forward(self, ids: torch.Tensor, key_mask: torch.Tensor, pos: torch.Tensor, cache: KVCache,
                 keep: int = 0, head: bool = True) -> torch.Tensor:
@@ -283,10 +283,10 @@ class LeanLlama:
             allowed = (key_ok[:, None, :] & (k_at <= q_at)[None]) | (k_at == q_at)[None]
             allowed = allowed[:, None]  # [B, 1, T, end]
         x = self.embed(ids)
-        if self._rope_table is not None:
-            cos, sin = (t[0, 0, pos][:, :, None] for t in self._rope_table)  # [B, T, 1, d]
+        if self._rope_table is not None:  # [1, capacity, 1, d] -> [B, T, 1, d]
+            cos, sin = (t[0, pos] for t in self._rope_table)
         else:
-            cos, sin = (t.transpose(1, 2) for t in self._cos_sin(pos))
+            cos, sin = self._cos_sin(pos)
         for i, (norm1, qkv, o_proj, norm2, gate_up, down, act) in enumerate(self.layers):
             y = qkv(norm1(x))
             # q and k rotated together, in the [B, T, heads, d] layout of the projection's output

@@ -16,8 +16,9 @@ projections, oneDNN linears on CPU and the prompt's KV cache stored once per dis
 other model (a ponder export, Mistral, Qwen2) runs through transformers' forward with
 `PreallocatedLayer`. The two agree to float32 rounding (tests/test_engines.py).
 
-Scoring left-pads prompt+continuation rows so that every continuation ends at the last position,
-which lets one `logits_to_keep` cover all of them without materialising logits for the prompts.
+Scoring prefills each distinct prompt once (left-padded, last logits only), fans its KV cache out
+to the rows that continue it, runs the continuations (right-padded) on top, and turns the outputs
+into log-probs a few rows at a time (on the lean path no [rows, positions, vocab] logits exist at once).
 """
 
 from __future__ import annotations
