@@ -118,6 +118,59 @@ def test_lean_rope_per_call_equals_the_table(model_dir, reference, monkeypatch):
             assert max(abs(a - b) for a, b in zip(forward_logprobs(reference, prompt, s.tokens), s.logprobs)) < 1e-5
 
 
+def test_lean_attention_in_query_blocks_matches_forward(model_dir, reference, monkeypatch):
+    """Multi-token passes attend a block of queries at a time over the keys up to the block's end
+    (blocks of 3 here, so prompts, scored continuations and prompt log-probs span several): the same
+    log-probs as transformers' forward, and as one block."""
+    import megatron_bolt.inference.lean_llama as lean_llama
+
+    eng = LocalEngine(model_dir)
+    prompts = [p for p in PROMPTS for _ in range(2)]
+    conts = [[(5 * i + j) % 40 + 4 for j in range(3 + 2 * i)] for i in range(len(prompts))]
+    whole = eng.score(prompts, conts)
+    rows = eng.generate_rows(PROMPTS, [1] * 4, 2, STOP, input_logprob_start=[0, 0, 1, 0])
+    monkeypatch.setattr(lean_llama, "_QUERY_BLOCK", 3)
+    assert eng.score(prompts, conts) == pytest.approx(whole, abs=1e-5)
+    for p, c, g in zip(prompts, conts, eng.score(prompts, conts)):
+        assert abs(sum(forward_logprobs(reference, p, c)) - g) < 1e-4
+    for p, s, r, r1 in zip(PROMPTS, [0, 0, 1, 0], eng.generate_rows(PROMPTS, [1] * 4, 2, STOP,
+                                                                     input_logprob_start=[0, 0, 1, 0]), rows):
+        ref = forward_logprobs(reference, p[: s + 1], p[s + 1 :])
+        assert max(abs(a - b) for a, b in zip(ref, r.input_logprobs)) < 1e-5
+        assert r.tokens == r1.tokens
+
+
+def test_decode_attention_gathered_and_reshaped_layouts_agree(model_dir, monkeypatch):
+    """While every prompt has as many live rows, decode attention regroups rows by reshapes; once
+    rows end unevenly it gathers them into per-prompt slots. Forcing the gathering path throughout
+    changes no token and no log-prob beyond float rounding, with and without rows ending early."""
+    import megatron_bolt.inference.lean_llama as lean_llama
+
+    eng = LocalEngine(model_dir)
+    attend, slots = lean_llama.KVCache.decode_attention, lean_llama.KVCache._slots
+    seen = set()
+
+    def recording(self, *args):
+        seen.add(self.uniform)
+        return attend(self, *args)
+
+    monkeypatch.setattr(lean_llama.KVCache, "decode_attention", recording)
+    runs = [(stop, eng.sample(PROMPTS, n=4, max_new_tokens=20, stop=stop, seed=13)) for stop in ([], STOP)]
+    assert seen == {True, False}, "both layouts should have been used"
+
+    def gathered(self):
+        slots(self)
+        self.uniform = False
+
+    monkeypatch.setattr(lean_llama.KVCache, "_slots", gathered)
+    for stop, fast in runs:
+        slow = eng.sample(PROMPTS, n=4, max_new_tokens=20, stop=stop, seed=13)
+        assert [[s.tokens for s in ss] for ss in slow] == [[s.tokens for s in ss] for ss in fast]
+        for ss, tt in zip(slow, fast):
+            for s, t in zip(ss, tt):
+                assert max(abs(x - y) for x, y in zip(s.logprobs, t.logprobs)) < 1e-5
+
+
 def test_lean_llama_plain_linear_path_matches_forward(model_dir, reference, monkeypatch):
     """The kernels a GPU gets (F.linear over the fused weights, which the modules then view): the
     same log-probs, and transformers' own forward over the re-bound module weights is unchanged."""

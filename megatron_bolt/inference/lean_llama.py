@@ -41,6 +41,27 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch
     return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
 
 
+# queries per SDPA call in multi-token passes (see _causal_attention)
+_QUERY_BLOCK = 64
+
+
+def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, past: int,
+                      scale: float) -> torch.Tensor:
+    """SDPA of queries at positions past.. over causally masked keys, a block of queries at a time,
+    each block over only the keys up to its last position: the masked-out upper triangle is not
+    computed (torch's CPU flash kernel takes keys in blocks of 512, so below that length its own
+    causal skipping never applies, and an explicit mask disables it anyway)."""
+    T = q.shape[2]
+    if T <= _QUERY_BLOCK:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    parts = []
+    for a in range(0, T, _QUERY_BLOCK):
+        b, end = min(a + _QUERY_BLOCK, T), past + min(a + _QUERY_BLOCK, T)
+        parts.append(F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, :end], v[:, :, :end],
+                                                    attn_mask=mask[:, :, a:b, :end], scale=scale, enable_gqa=True))
+    return torch.cat(parts, dim=2)
+
+
 def _cpu_packed_linear(weight: torch.Tensor, bias: torch.Tensor | None, rows_hint: int):
     """A linear over `weight` reordered for oneDNN, or None where that is not available/exact."""
     op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
@@ -127,6 +148,9 @@ class KVCache:
             seen[g] = rank[-1] + 1
         self.rank = torch.tensor(rank, dtype=torch.long, device=self.device)
         self.per_group = max(seen.values(), default=1)
+        # rows grouped by prompt, in prompt order, as many per prompt (as the fan-out leaves them,
+        # until rows end unevenly): the grouped layout is then a view of the rows' layout
+        self.uniform = groups == [g for g in range(len(seen)) for _ in range(self.per_group)]
         self._grouped: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
@@ -188,21 +212,32 @@ class KVCache:
         G, W, n = len(self.prefix_k[layer]), self.width, self.per_group
         t = self.length + 1 - W
         sk, sv = self.suffix_k[layer][:, :, :t], self.suffix_v[layer][:, :, :t]
-        # the queries of one prompt's rows side by side: [G, kvh, n * r, d]; slots of ended rows stay
-        # zero (only live rows' slots are written), so the buffers serve every layer until rows change
-        if self._grouped is None:
-            self._grouped = (q.new_zeros((G, kvh, n, r, d)), q.new_zeros((G, kvh, n, r, W)))
-        qg, pg = self._grouped
         q = q * scaling
-        qg[self.group, :, self.rank] = q
-        sp = torch.matmul(qg.view(G, kvh, n * r, d), self.prefix_k[layer].transpose(-1, -2))
-        sp = sp.view(G, kvh, n, r, W)[self.group, :, self.rank]
+        if self.uniform:  # rows are [G, n] already: the grouped layout by reshapes, no gather
+            qg = q.view(G, n, kvh, r, d).transpose(1, 2).reshape(G, kvh, n * r, d)
+            sp = torch.matmul(qg, self.prefix_k[layer].transpose(-1, -2))
+            sp = sp.view(G, kvh, n, r, W).transpose(1, 2).reshape(B, kvh, r, W)
+        else:
+            # the queries of one prompt's rows side by side: [G, kvh, n * r, d]; slots of ended rows
+            # stay zero (only live rows' slots are written), so the buffers serve every layer until
+            # rows change
+            if self._grouped is None:
+                self._grouped = (q.new_zeros((G, kvh, n, r, d)), q.new_zeros((G, kvh, n, r, W)))
+            qg, pg = self._grouped
+            qg[self.group, :, self.rank] = q
+            sp = torch.matmul(qg.view(G, kvh, n * r, d), self.prefix_k[layer].transpose(-1, -2))
+            sp = sp.view(G, kvh, n, r, W)[self.group, :, self.rank]
         ss = torch.matmul(q, sk.transpose(-1, -2))
         # softmax in float32 whatever the model's dtype, as SDPA does
         p = torch.softmax(torch.cat([sp, ss], dim=-1).add_(bias), dim=-1, dtype=torch.float32).to(q.dtype)
-        pg[self.group, :, self.rank] = p[..., :W]
-        out = torch.matmul(pg.view(G, kvh, n * r, W), self.prefix_v[layer]).view(G, kvh, n, r, d)
-        return out[self.group, :, self.rank] + torch.matmul(p[..., W:], sv)
+        if self.uniform:
+            pg = p[..., :W].reshape(G, n, kvh, r, W).transpose(1, 2).reshape(G, kvh, n * r, W)
+            out = torch.matmul(pg, self.prefix_v[layer]).view(G, kvh, n, r, d).transpose(1, 2).reshape(B, kvh, r, d)
+        else:
+            pg[self.group, :, self.rank] = p[..., :W]
+            out = torch.matmul(pg.view(G, kvh, n * r, W), self.prefix_v[layer]).view(G, kvh, n, r, d)
+            out = out[self.group, :, self.rank]
+        return out.add_(torch.matmul(p[..., W:], sv))
 
 
 class LeanLlama:
@@ -281,14 +316,27 @@ class LeanLlama:
             q_at = torch.arange(past, end, device=self.device)[:, None]
             k_at = torch.arange(end, device=self.device)[None, :]
             allowed = (key_ok[:, None, :] & (k_at <= q_at)[None]) | (k_at == q_at)[None]
-            allowed = allowed[:, None]  # [B, 1, T, end]
-        x = self.embed(ids)
+            # additive, once per call: SDPA would turn a boolean mask into this in every layer
+            allowed = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device).masked_fill_(
+                ~allowed, float("-inf"))[:, None]  # [B, 1, T, end]
+        # Padding (left in prompts, right in scoring continuations) is taken out of the per-token
+        # work: embedding, norms, projections and MLP run on the real tokens only (`real`, packed
+        # rows of [N, hidden]), and only RoPE and attention see the padded [B, T] layout, where a
+        # padding position holds zero q/k/v (masked for every real query, and finite for its own).
+        real = None
+        if T > 1:
+            flat = key_ok[:, past:end].reshape(-1)
+            if not bool(flat.all()):
+                real = flat.nonzero()[:, 0]
+        x = self.embed(ids if real is None else ids.reshape(-1)[real])
         if self._rope_table is not None:  # [1, capacity, 1, d] -> [B, T, 1, d]
             cos, sin = (t[0, pos] for t in self._rope_table)
         else:
             cos, sin = self._cos_sin(pos)
         for i, (norm1, qkv, o_proj, norm2, gate_up, down, act) in enumerate(self.layers):
             y = qkv(norm1(x))
+            if real is not None:
+                y = y.new_zeros((B * T, y.shape[-1])).index_copy_(0, real, y)
             # q and k rotated together, in the [B, T, heads, d] layout of the projection's output
             qk = _rope(y[..., : nq + nkv].view(B, T, h + kvh, d), cos, sin)
             q = qk[:, :, :h].transpose(1, 2)
@@ -302,12 +350,15 @@ class LeanLlama:
             else:
                 keys, values = cache.full(i, end)
             if past == 0 or T > 1:
-                att = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=self.scaling,
-                                                     enable_gqa=True)
+                att = _causal_attention(q, keys, values, allowed, past, self.scaling)
                 att = att.transpose(1, 2).reshape(B, T, nq)
+            if real is not None:
+                att = att.reshape(B * T, nq).index_select(0, real)
             x = x + o_proj(att)  # a new tensor: the embedding's output must not be written to
             g, u = gate_up(norm2(x)).chunk(2, dim=-1)
             x.add_(down(act(g).mul_(u)))
+        if real is not None:  # back to [B, T, hidden]; padding positions hold zeros
+            x = x.new_zeros((B * T, x.shape[-1])).index_copy_(0, real, x).view(B, T, -1)
         cache.advance(T)
         if keep:
             x = x[:, -keep:]
