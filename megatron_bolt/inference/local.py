@@ -395,15 +395,7 @@ class LocalEngine(Engine):
         filled = width
         step = 0
         while len(active):
-            logp = torch.log_softmax(logits, dim=-1)
-            if greedy:
-                tok = logits.argmax(-1)
-            else:
-                cdf = logp.exp().cumsum(-1)
-                u = torch.from_numpy(step_uniforms(seeds_np[active], step)).to(cdf)
-                tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None].contiguous(), right=True)[:, 0]
-                tok = tok.clamp_(max=logp.shape[-1] - 1)
-            tok_lp = logp.gather(-1, tok[:, None])[:, 0]
+            tok, tok_lp = self._draw(logits, None if greedy else step_uniforms(seeds_np[active], step))
             tok_list, lp_list = tok.tolist(), tok_lp.tolist()
             live = np.ones(len(active), dtype=bool)
             for j, b in enumerate(active):
@@ -430,6 +422,23 @@ class LocalEngine(Engine):
             last_pos = last_pos + 1
             logits = self._forward(tok[:, None], mask[:, :filled], last_pos[:, None], cache)[:, -1, :]
         return results
+
+    @staticmethod
+    def _draw(logits: torch.Tensor, uniforms: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's token (inverse CDF of softmax(logits) at its uniform; argmax where uniforms is
+        None) and its log-prob. The CDF is the running sum of exp(logits - max), unnormalised:
+        log_softmax, a normalised exp and then the sum would be two more passes over the vocabulary."""
+        top = logits.amax(-1, keepdim=True)
+        weights = (logits - top).exp_()
+        if uniforms is None:
+            tok = logits.argmax(-1, keepdim=True)
+            total = weights.sum(-1, keepdim=True)
+        else:
+            cdf = weights.cumsum_(-1)
+            total = cdf[:, -1:]
+            u = torch.from_numpy(uniforms).to(cdf)[:, None]
+            tok = torch.searchsorted(cdf, u * total, right=True).clamp_(max=logits.shape[-1] - 1)
+        return tok[:, 0], (logits.gather(-1, tok) - top - total.log())[:, 0]
 
     def _select(self, cache, active: np.ndarray, live: np.ndarray, logits, mask, pos):
         """Keep only live rows in the cache and the per-row tensors."""
