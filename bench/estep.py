@@ -8,6 +8,11 @@ Builds a random Llama-style model from a config (no downloads) and a random chun
   3. with --vllm, the same `sample_and_weight` with the in-process vLLM engine, side by side with
      the local one: whole E-step, sampling and scoring. Both engines then also score the same
      (prompt, continuation) pairs (the latents vLLM sampled), so scoring is compared on equal work.
+Each engine lives in its own process (spawned, each set up as `bolt estep` sets itself up), and the
+parent runs them one at a time, alternating: loading vLLM changes its process for every other
+kernel (it binds the OpenMP threads, sets a strict NUMA memory policy, replaces
+torch.set_num_threads; measured: torch's SiLU 5x slower after vLLM loads), which a user running
+either engine alone never sees, while alternating keeps the machine's drift out of the ratios.
 Reports latents/s and latent tokens/s, the speed-ups, and scoring time / sampling time.
 A random model rarely emits EoL, so latents mostly run to --max-latent-tokens in every path.
 
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing as mp
 import platform
 import tempfile
 import time
@@ -112,46 +118,49 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1,
                     help="time each engine's E-step (and same-pairs scoring) this many times, alternating engines, "
                          "and keep each one's fastest run (a loaded shared machine)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed E-step rounds of every engine before the timed ones")
     ap.add_argument("--cpu-time", action="store_true",
-                    help="time with this process's CPU time instead of the wall clock (a loaded shared machine; "
+                    help="time with each process's own CPU time instead of the wall clock (a loaded shared machine; "
                          "with --threads 1 the two agree on an idle one)")
     args = ap.parse_args()
     if args.cpu_time:
         time.perf_counter = time.process_time  # every timer here and in the E-step reads it
-    process_defaults()  # what `bolt` sets for its process: vLLM's engine core in this one
-    set_torch_threads(args.threads)
+    set_torch_threads(args.threads)  # for the baseline; each engine's process sets its own
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, chunks_path = build(tmp, args)
         chunks = ChunkStore.open(chunks_path)
         idx = list(range(min(args.chunks, chunks.num_chunks)))
         settings = EStepConfig(args.samples, args.prefix_chunks, args.max_latent_tokens, seed=0)
-        engines: dict[str, Engine] = {"local": LocalEngine(model_dir, device=args.device)}
-        if args.vllm:
-            from megatron_bolt.inference.vllm import VLLMEngine
-
-            engines["vllm"] = VLLMEngine(model_dir, kv_cache_gib=args.kv_cache_gib)
+        names = ["local", "vllm"] if args.vllm else ["local"]
+        engines = {name: EngineProcess(name, model_dir, chunks_path, idx, settings, args) for name in names}
         runs: dict = {}
-        for _ in range(max(1, args.repeats)):
-            for name, eng in engines.items():
-                run = timed_estep(eng, chunks, idx, settings)
-                if name not in runs or run[0] < runs[name][0]:
-                    runs[name] = run
-        if args.vllm:
-            # equal work for scoring: both engines score the latents vLLM sampled
-            prompts, conts = scoring_pairs(chunks, idx, runs["vllm"][1], args.prefix_chunks)
-            same: dict[str, float] = {}
+        try:
+            # one untimed round each first: right after an engine loads, the machine is still busy
+            # for some seconds (measured: the local engine's scoring 1.5-1.6x slower just after
+            # vLLM started next to it, back to its usual time a few calls later)
+            for _ in range(args.warmup):
+                for eng in engines.values():
+                    eng.call("estep")
             for _ in range(max(1, args.repeats)):
                 for name, eng in engines.items():
-                    t0 = time.perf_counter()
-                    eng.score(prompts, conts)
-                    same[name] = min(same.get(name, float("inf")), time.perf_counter() - t0)
-            for name in engines:
-                runs[name] = (*runs[name], same[name])
+                    run = eng.call("estep")
+                    if name not in runs or run[0] < runs[name][0]:
+                        runs[name] = run
+            if args.vllm:
+                # equal work for scoring: both engines score the latents vLLM sampled
+                pairs = scoring_pairs(chunks, idx, runs["vllm"][1], args.prefix_chunks)
+                same: dict[str, float] = {}
+                for _ in range(max(1, args.repeats)):
+                    for name, eng in engines.items():
+                        same[name] = min(same.get(name, float("inf")), eng.call("score", pairs))
+                for name in engines:
+                    runs[name] = (*runs[name], same[name])
+        finally:
+            for eng in engines.values():
+                eng.close()
         base_idx = idx[: len(idx) if args.baseline_chunks is None else args.baseline_chunks]
         if base_idx:
             base_sample_s, base_score_s, base_tokens = baseline(model_dir, chunks, base_idx, args)
-        for eng in engines.values():
-            eng.close()
     n_lat = len(idx) * args.samples
     local_s, res = runs["local"][:2]
     lat_tokens = res.latent_tokens + int(res.finished.sum())  # generated tokens incl. EoL
@@ -207,6 +216,69 @@ def timed_estep(engine: Engine, chunks: ChunkStore, idx: list[int], settings: ES
     t0 = time.perf_counter()
     res = sample_and_weight(engine, chunks, idx, settings, block=0)
     return time.perf_counter() - t0, res
+
+
+def _engine_process(conn, name: str, model_dir: str, chunks_path: str, idx: list[int], settings: EStepConfig,
+                    args) -> None:
+    """Body of an `EngineProcess`: build the engine, then answer ("estep",) and ("score", pairs)."""
+    if args.cpu_time:
+        time.perf_counter = time.process_time  # every timer here and in the E-step reads it
+    process_defaults()  # what `bolt` sets for its process: vLLM's engine core in this one
+    set_torch_threads(args.threads)
+    if name == "vllm":
+        from megatron_bolt.inference.vllm import VLLMEngine
+
+        engine: Engine = VLLMEngine(model_dir, kv_cache_gib=args.kv_cache_gib)
+    else:
+        engine = LocalEngine(model_dir, device=args.device)
+    chunks = ChunkStore.open(chunks_path)
+    conn.send("ready")
+    try:
+        while (msg := conn.recv())[0] != "close":
+            if msg[0] == "estep":
+                conn.send(timed_estep(engine, chunks, idx, settings))
+            else:
+                t0 = time.perf_counter()
+                engine.score(*msg[1])
+                conn.send(time.perf_counter() - t0)
+    finally:
+        engine.close()
+
+
+class EngineProcess:
+    """One engine in a spawned process of its own (see the module docstring); `call` runs a request
+    there and waits for its answer, so only one engine runs at a time."""
+
+    def __init__(self, name: str, model_dir: str, chunks_path: str, idx: list[int], settings: EStepConfig,
+                 args) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_engine_process, args=(child, name, model_dir, chunks_path, idx, settings, args),
+                                name=f"bench-{name}")
+        self.proc.start()
+        self.name = name
+        self._recv()
+
+    def _recv(self):
+        while not self.conn.poll(1.0):
+            if not self.proc.is_alive():
+                raise RuntimeError(f"the {self.name} engine's process exited with code {self.proc.exitcode}")
+        return self.conn.recv()
+
+    def call(self, what: str, payload=None):
+        self.conn.send((what, payload))
+        return self._recv()
+
+    def close(self) -> None:
+        if self.proc.is_alive():
+            try:
+                self.conn.send(("close", None))
+            except (BrokenPipeError, OSError):
+                pass
+            self.proc.join(60)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
 
 
 def scoring_pairs(chunks: ChunkStore, idx: list[int], res, prefix_chunks: int):
