@@ -102,6 +102,28 @@ def test_scoring_a_few_rows_at_a_time_gives_the_same_sums(model_dir, reference, 
         assert abs(sum(forward_logprobs(reference, p, c)) - g) < 1e-4
 
 
+def test_scoring_batches_end_where_a_prompt_begins(model_dir, monkeypatch):
+    """With a small bound on positions per forward, scoring runs in many batches; a full batch ends
+    at a prompt boundary, so every prompt's rows are scored (and its prompt prefilled) in one batch,
+    and the scores are those of one big batch."""
+    eng = LocalEngine(model_dir)
+    prompts = [p for p in PROMPTS for _ in range(3)]
+    conts = [[(3 * i + j) % 40 + 4 for j in range(4 + i % 3)] for i in range(len(prompts))]
+    whole = eng.score(prompts, conts)
+    batches = []
+    score_batch = eng._score_batch
+    monkeypatch.setattr(eng, "_score_batch", lambda p, c, idx, out: (batches.append(list(idx)),
+                                                                       score_batch(p, c, idx, out)))
+    eng.max_batch_tokens = 30  # 5 rows of up to 6 positions: a second prompt's third row does not fit
+    assert eng.score(prompts, conts) == pytest.approx(whole, abs=1e-5)
+    assert len(batches) > 1 and sorted(i for b in batches for i in b) == list(range(len(prompts)))
+    for b in batches:
+        assert len(b) * max(len(conts[i]) for i in b) <= 30
+    for k in range(len(PROMPTS)):
+        rows = set(range(3 * k, 3 * k + 3))
+        assert sum(bool(rows & set(b)) for b in batches) == 1, f"prompt {k}'s rows were split"
+
+
 def test_lean_rope_per_call_equals_the_table(model_dir, reference, monkeypatch):
     """cos/sin from the per-cache table (static RoPE) or per call (RoPE types whose frequencies
     depend on the length) give the same tokens and transformers' log-probs."""
