@@ -140,10 +140,11 @@ def test_lean_rope_per_call_equals_the_table(model_dir, reference, monkeypatch):
             assert max(abs(a - b) for a, b in zip(forward_logprobs(reference, prompt, s.tokens), s.logprobs)) < 1e-5
 
 
-def test_lean_attention_in_query_blocks_matches_forward(model_dir, reference, monkeypatch):
-    """Multi-token passes attend a block of queries at a time over the keys up to the block's end
-    (blocks of 3 here, so prompts, scored continuations and prompt log-probs span several): the same
-    log-probs as transformers' forward, and as one block."""
+def test_lean_attention_and_mlp_in_blocks_match_forward(model_dir, reference, monkeypatch):
+    """Multi-token passes attend a block of queries at a time over the keys up to the block's end,
+    and run the MLP a slice of token rows at a time (blocks of 3 and 5 here, so prompts, scored
+    continuations and prompt log-probs span several): the same log-probs as transformers' forward,
+    and as one block."""
     import megatron_bolt.inference.lean_llama as lean_llama
 
     eng = LocalEngine(model_dir)
@@ -152,6 +153,7 @@ def test_lean_attention_in_query_blocks_matches_forward(model_dir, reference, mo
     whole = eng.score(prompts, conts)
     rows = eng.generate_rows(PROMPTS, [1] * 4, 2, STOP, input_logprob_start=[0, 0, 1, 0])
     monkeypatch.setattr(lean_llama, "_QUERY_BLOCK", 3)
+    monkeypatch.setattr(lean_llama, "_MLP_ROWS", 5)
     assert eng.score(prompts, conts) == pytest.approx(whole, abs=1e-5)
     for p, c, g in zip(prompts, conts, eng.score(prompts, conts)):
         assert abs(sum(forward_logprobs(reference, p, c)) - g) < 1e-4
