@@ -25,10 +25,38 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+_PORTS_GIVEN: set[int] = set()
+_PORTS_PER_WORKER = 1000
+
+
+def free_port(span: int = 1) -> int:
+    """The first of `span` consecutive loopback ports that nothing holds, for a server a test starts
+    (it binds them seconds later). They come from below the kernel's ephemeral range, from a range of
+    this pytest-xdist worker's own, and are never handed out twice in a session: a port from bind(0)
+    is an ephemeral one, which in those seconds can go to any socket of the other worker (its
+    clients' connections, its own servers), and two ports picked before either server binds can
+    be the same."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral_low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral_low = 32768
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw")
+    index = int(worker) if worker.isdigit() else 0
+    low = max(1024, ephemeral_low - _PORTS_PER_WORKER * (index + 1))
+    for base in range(low, low + _PORTS_PER_WORKER - span + 1):
+        ports = range(base, base + span)
+        if any(p in _PORTS_GIVEN for p in ports):
+            continue
+        try:
+            for p in ports:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", p))
+        except OSError:
+            continue
+        _PORTS_GIVEN.update(ports)
+        return base
+    raise RuntimeError(f"no {span} free consecutive ports in {low}-{low + _PORTS_PER_WORKER}")
 
 
 @pytest.fixture(scope="session")

@@ -105,7 +105,7 @@ def test_em_iteration_through_slurm_with_a_requeued_training_job(cluster, run_di
 
     from megatron_bolt.stores.latent_store import LatentStore
 
-    env = {**cluster, **SBATCH, "FLEET_ENGINE": "bolt", "FLEET_PORT": str(free_port())}
+    env = {**cluster, **SBATCH, "FLEET_ENGINE": "bolt", "FLEET_PORT": str(free_port(span=3))}
     dry = subprocess.run([str(EM), "--dry-run", *em_args(run_dir)[1:]], env=env, capture_output=True, text=True, timeout=60)
     assert dry.returncode == 0, dry.stderr
     assert dry.stdout.count("sbatch --parsable") == 6 and "--dependency=afterok:<iter1-merge>" in dry.stdout
