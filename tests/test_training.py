@@ -64,9 +64,12 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path, synthetic_prefix):
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 300
-    while time.time() < deadline:
-        if (out / "metrics.jsonl").exists() and len((out / "metrics.jsonl").read_text().splitlines()) >= 5:
+    while time.time() < deadline and proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGSTOP)  # frozen while read: a slow reader must not miss step 8
+        metrics = out / "metrics.jsonl"
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
             break
+        os.killpg(proc.pid, signal.SIGCONT)
         time.sleep(0.05)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
